@@ -1,0 +1,280 @@
+"""LoRA layers: a frozen base layer plus low-rank adapters.
+
+For a base weight W0 the adapted layer computes
+
+    h = W0·x + s · B·A·dropout(x),   s = alpha / r   (alpha / sqrt(r) with rslora)
+
+with A: (r, in) random and B: (out, r) zero, so a fresh adapter changes nothing. Only A and B
+train. One `LoraLayer` wraps any supported base (Linear, Hugging Face Conv1D, Conv2d, Embedding)
+by composition; what differs between them is captured by a `Geometry`.
+
+A fused projection (GPT-2's `c_attn` computes q, k and v with one 768→2304 weight) can be adapted
+on some output slices only: each slice gets its own rank-r pair (A_i, B_i). The A_i are stacked
+into one (p·r, in) matrix so the input is read once; the B_i are scattered into an (out, p·r)
+block matrix whose rows for untouched slices are zero, so ΔW = up · A holds exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
+Init = Literal["kaiming", "gaussian"]
+Bias = Literal["none", "all", "lora_only"]
+INITS: tuple[str, ...] = ("kaiming", "gaussian")
+BIASES: tuple[str, ...] = ("none", "all", "lora_only")
+SUPPORTED = "Linear, Conv1D (Hugging Face), Conv2d, Embedding"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Settings of one adapter.
+
+    r: rank of the update. alpha: scale numerator (default r, so s = 1). dropout: probability on
+    the adapter's input. rslora: scale by alpha / sqrt(r) instead of alpha / r. init: A drawn
+    Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r). bias: which biases train —
+    "none", "all" of the model's, or "lora_only" (those of adapted layers).
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Init = "kaiming"
+    bias: Bias = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"alpha must be a number > 0 (or None for alpha = r), got {self.alpha!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
+
+    @property
+    def scale(self) -> float:
+        alpha = self.r if self.alpha is None else self.alpha
+        return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2): a linear layer whose weight is stored (in, out).
+
+    Recognised by name and layout so transformers need not be imported."""
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(w, Tensor)
+        and w.ndim == 2
+        and getattr(module, "nf", None) == w.shape[1]
+    )
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The LoRA kind of a module, or None when LoRA cannot adapt it."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if is_hf_conv1d(module):
+        return "conv1d"
+    return None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What an adapter needs to know about its base layer.
+
+    in_features: inputs (Conv2d: in_channels; Embedding: num_embeddings).
+    out_features: outputs (Conv2d: out_channels; Embedding: embedding_dim).
+    """
+
+    kind: Kind
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    padding_idx: int | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Geometry:
+        kind = kind_of(module)
+        if kind == "linear":
+            return cls(kind, module.in_features, module.out_features)
+        if kind == "conv1d":
+            fan_in, fan_out = module.weight.shape
+            return cls(kind, fan_in, fan_out)
+        if kind == "embedding":
+            return cls(kind, module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+        if kind == "conv2d":
+            if module.groups != 1 or module.padding_mode != "zeros":
+                raise TypeError(
+                    f"LoRA on Conv2d needs groups=1 and padding_mode='zeros', got groups={module.groups}, "
+                    f"padding_mode={module.padding_mode!r}"
+                )
+            return cls(kind, module.in_channels, module.out_channels, tuple(module.kernel_size),
+                       tuple(module.stride), module.padding, tuple(module.dilation))
+        raise TypeError(f"LoRA cannot adapt {type(module).__name__}; supported: {SUPPORTED}")
+
+    @property
+    def fan_in(self) -> int:
+        """Columns of A: what one output of the base reads."""
+        return self.in_features * math.prod(self.kernel_size)
+
+
+Slices = tuple[tuple[int, int], ...]
+
+
+class LoraAdapter(nn.Module):
+    """The trainable part of one adapter on one layer.
+
+    lora_a: (p·r, fan_in) — Conv2d: (r, in, kh, kw); Embedding: (r, num_embeddings).
+    lora_b: (Σ slice sizes, r) — the B_i of the p adapted output slices, stacked by rows.
+    slices: the adapted output ranges [start, stop), or None for every output (p = 1).
+    """
+
+    def __init__(self, geometry: Geometry, config: LoraConfig, slices: Slices | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if slices is not None and geometry.kind not in ("linear", "conv1d"):
+            raise TypeError(f"output slices need a Linear or Conv1D base, got {geometry.kind}")
+        sizes = [geometry.out_features] if slices is None else [stop - start for start, stop in slices]
+        limit = min(geometry.fan_in, min(sizes))
+        if config.r > limit:
+            raise ValueError(
+                f"r={config.r} exceeds min(in, out)={limit} of this {geometry.kind} layer "
+                f"(in={geometry.fan_in}, out={min(sizes)})"
+            )
+        self.geometry, self.config, self.slices = geometry, config, slices
+        self.scale = config.scale
+        r, p = config.r, len(sizes)
+        a_shape = (r, geometry.in_features, *geometry.kernel_size) if geometry.kind == "conv2d" else (p * r, geometry.fan_in)
+        self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(sum(sizes), r, device=device, dtype=dtype))
+        # Dropout on token ids means nothing; embeddings never take it.
+        use_dropout = config.dropout > 0 and geometry.kind != "embedding"
+        self.dropout = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.geometry.kind == "embedding":
+                # A one-hot input gives Kaiming's fan-in scaling nothing to balance: follow the
+                # original LoRA code, A = 0 and B ~ N(0, 1), so the update still starts at zero.
+                self.lora_a.zero_()
+                self.lora_b.normal_()
+            elif self.config.init == "gaussian":
+                self.lora_a.normal_(std=1.0 / self.config.r)
+                self.lora_b.zero_()
+            else:
+                for a in self.lora_a.view(-1, self.config.r, *self.lora_a.shape[1:]):
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                self.lora_b.zero_()
+
+    def up(self) -> Tensor:
+        """B as an (out, p·r) matrix: block i holds B_i at slice i's rows, zero elsewhere."""
+        if self.slices is None:
+            return self.lora_b
+        r, out = self.config.r, self.geometry.out_features
+        up = self.lora_b.new_zeros(out, len(self.slices) * r)
+        row = 0
+        for i, (start, stop) in enumerate(self.slices):
+            up[start:stop, i * r:(i + 1) * r] = self.lora_b[row:row + stop - start]
+            row += stop - start
+        return up
+
+    def forward(self, x: Tensor) -> Tensor:
+        """s · B·A·dropout(x) for the base's input x; the result has the base output's shape."""
+        g = self.geometry
+        if g.kind == "embedding":
+            u = F.embedding(x, self.lora_a.T, padding_idx=g.padding_idx)  # (..., r)
+            return F.linear(u, self.up()) * self.scale  # (..., dim)
+        x = self.dropout(x.to(self.lora_a.dtype))
+        if g.kind == "conv2d":
+            u = F.conv2d(x, self.lora_a, None, g.stride, g.padding, g.dilation)  # (N, r, H', W')
+            return F.conv2d(u, self.up()[:, :, None, None]) * self.scale  # (N, out, H', W')
+        u = F.linear(x, self.lora_a)  # (..., p·r)
+        return F.linear(u, self.up()) * self.scale  # (..., out)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """s · ΔW in fp32 and in the base weight's own layout."""
+        g = self.geometry
+        up, a = self.up().float(), self.lora_a.float()
+        if g.kind == "conv2d":
+            dw = (up @ a.flatten(1)).view(g.out_features, g.in_features, *g.kernel_size)
+        else:
+            dw = up @ a  # (out, in)
+            if g.kind in ("conv1d", "embedding"):
+                dw = dw.T  # stored (in, out) and (num_embeddings, dim)
+        return dw * self.scale
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer and its named adapters; the active one adds its update to the output.
+
+    merged: names of adapters folded into the base weight, which then no longer add anything.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.geometry = Geometry.of(base)
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.merged: list[str] = []
+
+    def add(self, name: str, config: LoraConfig, slices: Slices | None = None) -> LoraAdapter:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        w = self.base.weight
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        device = None if w.device.type == "meta" else w.device
+        self.adapters[name] = adapter = LoraAdapter(self.geometry, config, slices, device, dtype)
+        if self.active is None:
+            self.active = name
+        return adapter
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.base(x, *args, **kwargs)
+        if self.active is None or self.active in self.merged:
+            return y
+        return y + self.adapters[self.active](x).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W0 += s·ΔW, computed in fp32 and cast back. A merged adapter is not merged again."""
+        if name not in self.merged:
+            self._add_to_weight(self.adapters[name].delta_weight())
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of W0, last merged first."""
+        while self.merged:
+            self._add_to_weight(-self.adapters[self.merged.pop()].delta_weight())
+
+    def _add_to_weight(self, delta: Tensor) -> None:
+        w = self.base.weight
+        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.geometry.kind}, active={self.active!r}, merged={self.merged}"

@@ -1,0 +1,74 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class ConvNet(nn.Module):
+    """The small ConvNet of the from-scratch LoRA walkthrough (conv3 is defined but unused there too)."""
+
+    def __init__(self, in_channels: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.conv3 = nn.Conv2d(16, 32, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, classes)
+
+    def forward(self, x):  # x: (N, C, 32, 32)
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+@pytest.fixture
+def convnet():
+    torch.manual_seed(0)
+    return ConvNet()
+
+
+def randomize(model: nn.Module, std: float = 0.1) -> None:
+    """Give every adapter non-zero A and B, so it changes the output."""
+    from lorakit import LoraAdapter
+
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraAdapter):
+                m.lora_a.copy_(torch.randn(m.lora_a.shape, generator=g) * std)
+                m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from lorakit.hub import minilm_dir
+
+    return minilm_dir()
+
+
+@pytest.fixture
+def minilm(minilm_dir):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()

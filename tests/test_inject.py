@@ -1,0 +1,195 @@
+"""Surgery: target matching, freezing, the report, strictness, summary."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraAdapter, LoraLayer
+
+from conftest import randomize
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_convnet_walkthrough_counts_and_b_moves(convnet):
+    """fc1..fc3 with r=4, α=4: r·(in+out) per layer, 3,272 in all; training moves every B."""
+    report = lorakit.inject(convnet, ["fc1", "fc2", "fc3"], r=4, alpha=4)
+    per_layer = {r.name: r.params for r in report.replaced}
+    assert per_layer == {"fc1": 4 * (400 + 120), "fc2": 4 * (120 + 84), "fc3": 4 * (84 + 10)}
+    assert report.params_added == 3272
+    counts = lorakit.summary(convnet, print_fn=lambda s: None)
+    assert counts.trainable == 3272
+    assert counts.total == 3272 + sum(p.numel() for n, p in convnet.named_parameters() if "adapters" not in n)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    opt = torch.optim.AdamW([p for p in convnet.parameters() if p.requires_grad], lr=1e-2)
+    frozen_before = convnet.fc1.base.weight.clone()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(convnet(x), y).backward()
+        opt.step()
+    for m in convnet.modules():
+        if isinstance(m, LoraAdapter):
+            assert m.lora_b.abs().max() > 0
+    assert torch.equal(convnet.fc1.base.weight, frozen_before)
+
+
+def test_targets_by_suffix_type_regex_and_all_linear(convnet):
+    names = lambda t: [r.name for r in lorakit.inject(convnet, t, r=2, dry_run=True).replaced]  # noqa: E731
+    assert names(["fc1", "conv2"]) == ["conv2", "fc1"]
+    assert names([nn.Conv2d]) == ["conv1", "conv2", "conv3"]
+    assert names(re.compile(r"fc[12]")) == ["fc1", "fc2"]
+    assert names(r"conv\d") == ["conv1", "conv2", "conv3"]
+    assert names("all-linear") == ["fc1", "fc2"]  # fc3 is the output head
+
+
+def test_suffix_matches_whole_name_components():
+    model = nn.ModuleDict({"query": nn.Linear(4, 4), "subquery": nn.Linear(4, 4)})
+    report = lorakit.inject(model, ["query"], r=2, dry_run=True)
+    assert [r.name for r in report.replaced] == ["query"]
+
+
+def test_all_linear_skips_the_hf_output_head(tiny_gpt2):
+    report = lorakit.inject(tiny_gpt2, "all-linear", r=2, dry_run=True)
+    names = [r.name for r in report.replaced]
+    assert "lm_head" not in names
+    assert sum(n.endswith("c_attn") for n in names) == 2 and len(names) == 8  # c_attn, c_proj, c_fc, mlp.c_proj
+
+
+def test_fused_slices_report_and_freeze(tiny_gpt2):
+    report = lorakit.inject(tiny_gpt2, {"c_attn": ("q", "v")}, r=4)
+    assert [r.slices for r in report.replaced] == [((0, 32), (64, 96))] * 2
+    # per layer: A (2·4, 32) + B (2·32, 4)
+    assert report.params_added == 2 * (8 * 32 + 64 * 4)
+    assert trainable_names(tiny_gpt2) == {
+        f"transformer.h.{i}.attn.c_attn.adapters.default.lora_{ab}" for i in (0, 1) for ab in "ab"}
+    assert "0:32,64:96" in str(report)
+
+
+def test_dry_run_changes_nothing(convnet):
+    before = {n: p.clone() for n, p in convnet.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in convnet.named_parameters()}
+    report = lorakit.inject(convnet, ["fc1"], r=4, dry_run=True)
+    assert report.dry_run and len(report.replaced) == 1 and "would replace" in str(report)
+    assert not any(isinstance(m, LoraLayer) for m in convnet.modules())
+    assert {n: p.requires_grad for n, p in convnet.named_parameters()} == grads
+    after = convnet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_freezes_everything_else_and_keeps_modules_to_save(convnet):
+    lorakit.inject(convnet, ["fc1"], r=4, modules_to_save=["fc3"])
+    assert trainable_names(convnet) == {
+        "fc1.adapters.default.lora_a", "fc1.adapters.default.lora_b", "fc3.weight", "fc3.bias"}
+
+
+@pytest.mark.parametrize("bias, expected", [
+    ("none", set()),
+    ("lora_only", {"fc1.base.bias"}),
+    ("all", {"conv1.bias", "conv2.bias", "conv3.bias", "fc1.base.bias", "fc2.bias", "fc3.bias"}),
+])
+def test_bias_modes(convnet, bias, expected):
+    lorakit.inject(convnet, ["fc1"], r=2, bias=bias)
+    assert trainable_names(convnet) - {"fc1.adapters.default.lora_a", "fc1.adapters.default.lora_b"} == expected
+
+
+def test_misspelled_target_names_closest(convnet):
+    with pytest.raises(ValueError, match=r"target 'fc_1' matches no module in ConvNet; closest module names: fc1"):
+        lorakit.inject(convnet, ["fc_1"], r=2)
+    assert not any(isinstance(m, LoraLayer) for m in convnet.modules())
+
+
+def test_plain_string_is_regex_and_says_so(tiny_gpt2):
+    with pytest.raises(ValueError, match=r"for a name suffix pass a list: \['c_fc'\]"):
+        lorakit.inject(tiny_gpt2, "c_fc", r=2)
+    assert len(lorakit.inject(tiny_gpt2, r".*\.c_fc", r=2, dry_run=True).replaced) == 2
+
+
+def test_type_target_without_match(convnet):
+    with pytest.raises(ValueError, match="target type Embedding matches no module; adaptable types in the model: Conv2d, Linear"):
+        lorakit.inject(convnet, [nn.Embedding], r=2)
+
+
+def test_unsupported_match_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(TypeError, match=r"'1' of type LayerNorm, which LoRA cannot adapt"):
+        lorakit.inject(model, ["1"], r=2)
+
+
+def test_already_lora_is_refused(convnet):
+    lorakit.inject(convnet, ["fc1"], r=2)
+    with pytest.raises(ValueError, match=r"module 'fc1' is already a LoRA layer"):
+        lorakit.inject(convnet, ["fc1"], r=2)
+    with pytest.raises(ValueError, match="already a LoRA layer"):
+        lorakit.inject(convnet, [nn.Linear], r=2)
+
+
+def test_bad_settings_change_nothing(convnet):
+    with pytest.raises(ValueError, match=r"r=100 exceeds min\(in, out\)=84"):
+        lorakit.inject(convnet, ["fc1", "fc2"], r=100)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        lorakit.inject(convnet, ["fc1"], r=2, dropout=-0.5)
+    with pytest.raises(ValueError, match="bias must be one of"):
+        lorakit.inject(convnet, ["fc1"], r=2, bias="bogus")
+    assert not any(isinstance(m, LoraLayer) for m in convnet.modules())
+    assert all(p.requires_grad for p in convnet.parameters())
+
+
+@pytest.mark.parametrize("spec, message", [
+    (("q", "x"), "unknown slice name 'x'"),
+    (((0, 40), (30, 96)), "bad output slice"),
+    (((0, 200),), "bad output slice"),
+    ((), "non-empty tuple"),
+])
+def test_bad_slice_specs(tiny_gpt2, spec, message):
+    with pytest.raises(ValueError, match=message):
+        lorakit.inject(tiny_gpt2, {"c_attn": spec}, r=2)
+
+
+def test_target_and_modules_to_save_conflict(convnet):
+    with pytest.raises(ValueError, match="fc3 is both a LoRA target and in modules_to_save"):
+        lorakit.inject(convnet, ["fc3"], r=2, modules_to_save=["fc3"])
+
+
+def test_zero_init_model_equals_base_exactly(tiny_gpt2):
+    ids = torch.randint(0, 100, (2, 10))
+    y0 = tiny_gpt2(ids).logits
+    lorakit.inject(tiny_gpt2, ["c_fc", "wte", {"c_attn": ("q", "v")}], r=4, alpha=8)
+    assert torch.equal(tiny_gpt2(ids).logits, y0)
+    randomize(tiny_gpt2)
+    assert (tiny_gpt2(ids).logits - y0).abs().max() > 1e-2
+
+
+def test_summary_table_and_totals_line(convnet):
+    lorakit.inject(convnet, ["fc1", "fc2", "fc3"], r=4, alpha=4)
+    out = []
+    counts = lorakit.summary(convnet, print_fn=out.append)
+    text = out[0]
+    assert "fc1.adapters.default.lora_a  (4, 400)" in text and "trainable" in text
+    assert "fc1.base.weight" in text and "frozen" in text
+    total = counts.total
+    assert text.splitlines()[-1] == f"trainable params: 3,272 || all params: {total:,} || trainable%: {100 * 3272 / total:.4f}"
+
+
+def test_real_minilm_dry_run_lists_twelve_and_changes_nothing(minilm):
+    state = {k: v.clone() for k, v in minilm.state_dict().items()}
+    report = lorakit.inject(minilm, ["query", "value"], r=8, dry_run=True)
+    assert len(report.replaced) == 12
+    assert {r.name.rsplit(".", 1)[-1] for r in report.replaced} == {"query", "value"}
+    assert all((r.in_features, r.out_features, r.params) == (384, 384, 8 * 768) for r in report.replaced)
+    assert not any(isinstance(m, LoraLayer) for m in minilm.modules())
+    assert all(p.requires_grad for p in minilm.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in minilm.state_dict().items())
+
+
+def test_real_minilm_misspelled_target_names_query(minilm):
+    with pytest.raises(ValueError, match=r"target 'qeury' matches no module in BertForSequenceClassification; "
+                                         r"closest module names: query"):
+        lorakit.inject(minilm, ["qeury", "value"], r=8)
+    assert not any(isinstance(m, LoraLayer) for m in minilm.modules())

@@ -1,0 +1,209 @@
+"""LoRA layers against the dense formula W0 + s·B·A, for every supported base kind."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import Geometry, LoraConfig, LoraLayer, kind_of
+
+ATOL = 1e-5
+
+
+def conv1d(fan_in: int, fan_out: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    m = Conv1D(fan_out, fan_in)
+    nn.init.normal_(m.weight, std=0.2)
+    return m
+
+
+def bases():
+    torch.manual_seed(0)
+    return {
+        "linear": nn.Linear(12, 10),
+        "conv1d": conv1d(12, 10),
+        "conv2d": nn.Conv2d(3, 5, 3, stride=2, padding=1),
+        "embedding": nn.Embedding(20, 6, padding_idx=0),
+    }
+
+
+def inputs(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    if kind == "embedding":
+        return torch.randint(0, 20, (4, 9), generator=g)
+    if kind == "conv2d":
+        return torch.randn(2, 3, 8, 8, generator=g)
+    return torch.randn(4, 7, 12, generator=g)
+
+
+def randomize(layer: LoraLayer) -> None:
+    with torch.no_grad():
+        for a in layer.adapters.values():
+            a.lora_a.normal_(std=0.3)
+            a.lora_b.normal_(std=0.3)
+
+
+def dense(base: nn.Module, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The base layer's own function with W0 + delta in place of W0."""
+    w = base.weight + delta
+    kind = kind_of(base)
+    if kind == "linear":
+        return F.linear(x, w, base.bias)
+    if kind == "conv1d":
+        return x @ w + base.bias
+    if kind == "conv2d":
+        return F.conv2d(x, w, base.bias, base.stride, base.padding, base.dilation)
+    return F.embedding(x, w, base.padding_idx)
+
+
+def ba_product(layer: LoraLayer) -> torch.Tensor:
+    """s·B·A written out independently of LoraAdapter.delta_weight, in the base weight's layout."""
+    a = layer.adapters[layer.active]
+    A, B, s = a.lora_a.detach(), a.lora_b.detach(), a.scale
+    kind = layer.geometry.kind
+    if kind == "conv2d":
+        return s * torch.einsum("or,rikl->oikl", B, A)
+    dw = s * B @ A
+    return dw.T if kind in ("conv1d", "embedding") else dw
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding"])
+def test_zero_init_equals_base_exactly(kind):
+    base = bases()[kind]
+    x = inputs(kind)
+    y0 = base(x)
+    layer = LoraLayer(base)
+    layer.add("default", LoraConfig(r=2, alpha=4))
+    assert torch.equal(layer(x), y0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_equals_dense_formula(kind, rslora):
+    base = bases()[kind]
+    x = inputs(kind)
+    y0 = base(x).detach()
+    layer = LoraLayer(base)
+    layer.add("default", LoraConfig(r=3, alpha=6, rslora=rslora))
+    randomize(layer)
+    expected = dense(base, ba_product(layer), x)
+    got = layer(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (got - y0).abs().max() > 1e-2
+    # delta_weight is the same product
+    torch.testing.assert_close(layer.adapters["default"].delta_weight(), ba_product(layer), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fused_slices_equal_dense_formula_and_leave_other_slices(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48) if kind == "linear" else conv1d(16, 48)
+    x = torch.randn(3, 5, 16)
+    y0 = base(x).detach()
+    layer = LoraLayer(base)
+    slices = ((0, 16), (32, 48))  # q and v of a fused qkv
+    a = layer.add("default", LoraConfig(r=2, alpha=4), slices)
+    assert a.lora_a.shape == (4, 16) and a.lora_b.shape == (32, 2)
+    randomize(layer)
+    A, B, s = a.lora_a.detach(), a.lora_b.detach(), a.scale
+    dw = torch.zeros(48, 16)  # (out, in)
+    dw[0:16] = s * B[:16] @ A[:2]
+    dw[32:48] = s * B[16:] @ A[2:]
+    expected = dense(base, dw.T if kind == "conv1d" else dw, x)
+    got = layer(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[..., 16:32], y0[..., 16:32], atol=0, rtol=0)  # k untouched
+    assert (got[..., :16] - y0[..., :16]).abs().max() > 1e-2
+    assert (got[..., 32:] - y0[..., 32:]).abs().max() > 1e-2
+
+
+def test_default_init_kaiming_uniform_and_b_zero():
+    layer = LoraLayer(nn.Linear(400, 50))
+    a = layer.add("default", LoraConfig(r=8))
+    bound = 1 / math.sqrt(400)  # kaiming_uniform(a=√5) on fan_in 400
+    assert a.lora_a.abs().max() <= bound and a.lora_a.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(a.lora_b) == 0
+
+
+def test_gaussian_init_std_one_over_r():
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Linear(2000, 64))
+    a = layer.add("default", LoraConfig(r=4, init="gaussian"))
+    assert abs(a.lora_a.std().item() - 0.25) < 0.01
+    assert torch.count_nonzero(a.lora_b) == 0
+
+
+def test_embedding_init_a_zero_b_normal():
+    layer = LoraLayer(nn.Embedding(100, 16))
+    a = layer.add("default", LoraConfig(r=4))
+    assert torch.count_nonzero(a.lora_a) == 0 and a.lora_b.std() > 0.5
+
+
+def test_scale_alpha_over_r_and_rslora():
+    assert LoraConfig(r=8).scale == 1.0
+    assert LoraConfig(r=4, alpha=32).scale == 8.0
+    assert LoraConfig(r=16, alpha=8, rslora=True).scale == 2.0
+
+
+def test_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Linear(32, 32))
+    layer.add("default", LoraConfig(r=4, dropout=0.5))
+    randomize(layer)
+    x = torch.randn(8, 32)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": 0}, "r must be an integer >= 1, got 0"),
+    ({"r": 2.5}, "got 2.5"),
+    ({"dropout": -0.1}, "dropout must be in [0, 1), got -0.1"),
+    ({"bias": "some"}, "bias must be one of ('none', 'all', 'lora_only'), got 'some'"),
+    ({"init": "xavier"}, "got 'xavier'"),
+    ({"alpha": -1}, "alpha must be a number > 0"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        LoraConfig(**kwargs)
+    assert message in str(e.value)
+
+
+def test_rank_above_min_dimension_is_refused():
+    layer = LoraLayer(nn.Linear(6, 40))
+    with pytest.raises(ValueError, match=r"r=7 exceeds min\(in, out\)=6"):
+        layer.add("default", LoraConfig(r=7))
+    assert len(layer.adapters) == 0
+
+
+def test_unsupported_module_names_supported_kinds():
+    with pytest.raises(TypeError, match="LoRA cannot adapt LayerNorm; supported: Linear, Conv1D"):
+        Geometry.of(nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="groups=1"):
+        Geometry.of(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_gradients_reach_only_a_and_b():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8)
+    base.requires_grad_(False)
+    layer = LoraLayer(base)
+    a = layer.add("default", LoraConfig(r=2))
+    layer(torch.randn(3, 8)).sum().backward()
+    assert a.lora_b.grad is not None and a.lora_b.grad.abs().sum() > 0
+    assert a.lora_a.grad is not None  # zero while B is zero, but computed
+    assert base.weight.grad is None
+
+
+def test_adapters_stay_fp32_over_bf16_base():
+    base = nn.Linear(16, 16).to(torch.bfloat16)
+    layer = LoraLayer(base)
+    a = layer.add("default", LoraConfig(r=4))
+    randomize(layer)
+    y = layer(torch.randn(2, 16, dtype=torch.bfloat16))
+    assert a.lora_a.dtype == torch.float32 and y.dtype == torch.bfloat16
