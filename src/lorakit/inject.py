@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import SUPPORTED, Geometry, LoraAdapter, LoraConfig, LoraLayer, Slices, kind_of
+from .layers import SUPPORTED, Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, kind_of
 
 QKV = ("q", "k", "v")
 Target = str | type | re.Pattern | Mapping[str, tuple]
@@ -85,11 +85,13 @@ def inject(
 ) -> InjectReport:
     """Swap the target layers of `model` for LoRA layers in place and freeze everything else.
 
-    Trainable afterwards: the new A and B, the modules named in `modules_to_save` (by suffix), and
-    the biases that `bias` asks for. Returns a report of every replaced module; with
+    Trainable afterwards: the new A and B, the modules named in `modules_to_save` (by suffix; the
+    adapter trains its own copy), and the biases that `bias` asks for; other adapters keep their
+    state. On a model that already has adapters, a new `adapter` name adds a second adapter to the
+    layers it targets and makes it active. Returns a report of every replaced module; with
     `dry_run=True` the model is left untouched. Raises ValueError for a target that matches nothing
     (naming the closest module names), TypeError for a match LoRA cannot adapt, and ValueError for a
-    module that is already LoRA or a bad setting.
+    layer that already has this adapter or a bad setting — always before changing anything.
     """
     config = LoraConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, bias=bias)
     saved = _match_modules_to_save(model, list(modules_to_save))
@@ -97,38 +99,81 @@ def inject(
     both = sorted(set(saved) & set(chosen))
     if both:
         raise ValueError(f"{', '.join(both)} is both a LoRA target and in modules_to_save; choose one")
-    # Build every adapter before touching the model, so a bad rank changes nothing.
-    adapters = {name: LoraAdapter(Geometry.of(module), config, slices, device="meta")
-                for name, (module, slices) in chosen.items()}
-    replaced = [Replacement(name, a.geometry.kind, a.geometry.in_features, a.geometry.out_features,
-                            sum(p.numel() for p in a.parameters()), a.slices)
-                for name, a in adapters.items()]
-    report = InjectReport(replaced, config, adapter, saved, dry_run)
-    if dry_run:
-        return report
-    for name, (module, slices) in chosen.items():
-        layer = LoraLayer(module)
-        layer.add(adapter, config, slices)
-        _set_submodule(model, name, layer)
-    freeze(model, bias=config.bias, modules_to_save=saved)
+    plan = {name: (module, config, slices) for name, (module, slices) in chosen.items()}
+    report = InjectReport(check_plan(plan, saved, model, adapter), config, adapter, saved, dry_run)
+    if not dry_run:
+        apply_plan(model, plan, saved, adapter)
+        for module in model.modules():
+            if isinstance(module, (LoraLayer, SavedModule)):
+                module.active = adapter if _holds(module, adapter) else None
+        freeze(model, adapter, bias=config.bias)
     return report
 
 
-def freeze(model: nn.Module, bias: str = "none", modules_to_save: Iterable[str] = ()) -> None:
-    """Make only adapter weights (found by type), chosen biases and `modules_to_save` trainable."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+Plan = dict[str, tuple[nn.Module, LoraConfig, Slices | None]]
+
+
+def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> list[Replacement]:
+    """Validate a surgery plan without changing anything; return what it would replace.
+
+    Each adapter is built on the meta device, so a bad rank or shape raises here."""
+    replaced = []
+    for name, (module, config, slices) in plan.items():
+        if isinstance(module, LoraLayer) and adapter in module.adapters:
+            raise ValueError(f"module {name!r} is already a LoRA layer with adapter {adapter!r} (adapters: "
+                             f"{', '.join(module.adapters)}); use another adapter name or merge_and_unload first")
+        base = module.base if isinstance(module, LoraLayer) else module
+        a = LoraAdapter(Geometry.of(base), config, slices, device="meta")
+        replaced.append(Replacement(name, a.geometry.kind, a.geometry.in_features, a.geometry.out_features,
+                                    sum(p.numel() for p in a.parameters()), a.slices))
+    for name in saved:
+        module = model.get_submodule(name)
+        if isinstance(module, SavedModule) and adapter in module.copies:
+            raise ValueError(f"module {name!r} already has a trainable copy for adapter {adapter!r}")
+    return replaced
+
+
+def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str) -> None:
+    """Carry out a checked plan: wrap or extend each layer, give each saved module a copy."""
+    for name, (module, config, slices) in plan.items():
+        layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
+        layer.add(adapter, config, slices)
+        if layer is not module:
+            _set_submodule(model, name, layer)
+    for name in saved:
+        module = model.get_submodule(name)
+        holder = module if isinstance(module, SavedModule) else SavedModule(module)
+        holder.add(adapter)
+        if holder is not module:
+            _set_submodule(model, name, holder)
+
+
+def _holds(module: nn.Module, adapter: str) -> bool:
+    return adapter in (module.adapters if isinstance(module, LoraLayer) else module.copies)
+
+
+def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> None:
+    """Make `adapter` trainable (its A and B and its copies of saved modules, found by type) with
+    the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
+    owned: set[int] = set()  # parameters that belong to some adapter
     for m in model.modules():
-        if isinstance(m, LoraAdapter):
-            m.requires_grad_(True)
-        elif isinstance(m, LoraLayer) and bias == "lora_only" and getattr(m.base, "bias", None) is not None:
-            m.base.bias.requires_grad_(True)
-    if bias == "all":
-        for m in model.modules():
-            if isinstance(getattr(m, "bias", None), nn.Parameter):
-                m.bias.requires_grad_(True)
-    for name in modules_to_save:
-        model.get_submodule(name).requires_grad_(True)
+        if isinstance(m, LoraLayer):
+            owned.update(id(p) for p in m.adapters.parameters())
+        elif isinstance(m, SavedModule):
+            owned.update(id(p) for p in m.copies.parameters())
+    for p in model.parameters():
+        if id(p) not in owned:
+            p.requires_grad_(False)
+    frozen_originals = {id(p) for m in model.modules() if isinstance(m, SavedModule) for p in m.original.parameters()}
+    adapted = {id(m.base) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters}
+    for m in model.modules():
+        if isinstance(m, (LoraLayer, SavedModule)) and _holds(m, adapter):
+            (m.adapters if isinstance(m, LoraLayer) else m.copies)[adapter].requires_grad_(True)
+        b = getattr(m, "bias", None)
+        if not isinstance(b, nn.Parameter) or id(b) in owned or id(b) in frozen_originals:
+            continue
+        if bias == "all" or (bias == "lora_only" and id(m) in adapted):
+            b.requires_grad_(True)
 
 
 def resolve_targets(
@@ -197,7 +242,7 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if name == "" or any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, SavedModule)):
             inside.append(name)
         out[name] = module
     return out
@@ -227,10 +272,7 @@ def _require(model: nn.Module, target: object, names: list[str]) -> list[str]:
 
 
 def _choose(chosen: dict, name: str, module: nn.Module, slices: Slices | None) -> None:
-    if isinstance(module, LoraLayer):
-        raise ValueError(f"module {name!r} is already a LoRA layer (adapters: {', '.join(module.adapters)}); "
-                         f"merge_and_unload it first or add a named adapter")
-    if kind_of(module) is None:
+    if kind_of(module) is None and not isinstance(module, LoraLayer):
         raise TypeError(f"target matched {name!r} of type {type(module).__name__}, which LoRA cannot adapt; "
                         f"supported: {SUPPORTED}")
     if name in chosen and chosen[name][1] != slices:
@@ -241,6 +283,7 @@ def _choose(chosen: dict, name: str, module: nn.Module, slices: Slices | None) -
 
 def _parse_slices(name: str, module: nn.Module, spec: object) -> Slices:
     """('q', 'v') → thirds of the output; ((start, stop), ...) → explicit output ranges."""
+    module = module.base if isinstance(module, LoraLayer) else module
     kind = kind_of(module)
     if kind not in ("linear", "conv1d"):
         raise TypeError(f"fused slices need a Linear or Conv1D, but {name!r} is {type(module).__name__}")

@@ -16,7 +16,10 @@ block matrix whose rows for untouched slices are zero, so ΔW = up · A holds ex
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -228,10 +231,24 @@ class LoraAdapter(nn.Module):
         return f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
 
 
+def weight_digest(weight: Tensor) -> str:
+    """A hash of a frozen weight: its shape and up to 65,536 evenly strided values in fp32.
+
+    Enough to tell one pretrained base from another without reading every byte of a large model."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 65536)
+    sample = flat[::step][:65536].to(device="cpu", dtype=torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(weight.shape)).encode())
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
 class LoraLayer(nn.Module):
     """A frozen base layer and its named adapters; the active one adds its update to the output.
 
     merged: names of adapters folded into the base weight, which then no longer add anything.
+    disabled: when True the layer is exactly its base (unless adapters are merged).
+    rows: per-row adapter names for a mixed batch (see `lorakit.mixed_batch`), else None.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -241,6 +258,10 @@ class LoraLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.merged: list[str] = []
+        self.disabled = False
+        self.rows: list[str | None] | None = None
+        self._digest: str | None = None
+        self.train(base.training)
 
     def add(self, name: str, config: LoraConfig, slices: Slices | None = None) -> LoraAdapter:
         if name in self.adapters:
@@ -249,20 +270,67 @@ class LoraLayer(nn.Module):
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         device = None if w.device.type == "meta" else w.device
         self.adapters[name] = adapter = LoraAdapter(self.geometry, config, slices, device, dtype)
+        adapter.train(self.training)
         if self.active is None:
             self.active = name
         return adapter
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        if self.rows is not None:
+            return y + self._per_row(x).to(y.dtype)
         if self.active is None or self.active in self.merged:
             return y
-        return y + self.adapters[self.active](x).to(y.dtype)
+        adapter = self.adapters[self.active]
+        if self.training and torch.is_grad_enabled() and not adapter.lora_a.requires_grad:
+            warnings.warn(f"training with LoRA adapter {self.active!r} frozen, so it will not learn; "
+                          f"load it with trainable=True (or call lorakit.freeze) to train it", stacklevel=2)
+        return y + adapter(x).to(y.dtype)
+
+    def _per_row(self, x: Tensor) -> Tensor:
+        """Row i of the batch gets adapter rows[i] (None: no update), as two gathered bmm's.
+
+        Every adapter's A and s·up are zero-padded to the largest rank R and stacked into a bank
+        with one extra all-zero entry for rows without an adapter; padding with zeros is exact.
+        Dropout is not applied: mixed batches serve inference."""
+        g, rows = self.geometry, self.rows
+        if g.kind == "conv2d":
+            raise TypeError("mixed-adapter batches support Linear, Conv1D and Embedding layers, not Conv2d")
+        if self.merged:
+            raise ValueError(f"adapters {self.merged} are merged into the base weights; unmerge before a mixed batch")
+        if x.shape[0] != len(rows):
+            raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
+        names = list(self.adapters)
+        index = torch.tensor([names.index(n) if n in self.adapters else len(names) for n in rows], device=x.device)
+        rank = max(a.lora_a.shape[0] for a in self.adapters.values())
+        ref = next(iter(self.adapters.values())).lora_a
+        a_bank = ref.new_zeros(len(names) + 1, rank, ref.shape[1])  # (n+1, R, in)
+        up_bank = ref.new_zeros(len(names) + 1, g.out_features, rank)  # (n+1, out, R)
+        for i, a in enumerate(self.adapters.values()):
+            a_bank[i, :a.lora_a.shape[0]] = a.lora_a
+            up_bank[i, :, :a.lora_a.shape[0]] = a.up() * a.scale
+        up = up_bank[index]  # (B, out, R)
+        if g.kind == "embedding":
+            u = a_bank.transpose(1, 2)[index[:, None], x]  # (B, T, R)
+            return torch.bmm(u, up.transpose(1, 2))  # (B, T, dim)
+        xb = x.to(ref.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
+        u = torch.bmm(xb, a_bank[index].transpose(1, 2))  # (B, L, R)
+        return torch.bmm(u, up.transpose(1, 2)).reshape(*x.shape[:-1], g.out_features)  # (B, ..., out)
+
+    def base_digest(self) -> str:
+        """`weight_digest` of W0, remembered before the first merge changes the weight."""
+        if self._digest is None:
+            assert not self.merged, "digest must be taken before merging"
+            self._digest = weight_digest(self.base.weight)
+        return self._digest
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """W0 += s·ΔW, computed in fp32 and cast back. A merged adapter is not merged again."""
         if name not in self.merged:
+            self.base_digest()
             self._add_to_weight(self.adapters[name].delta_weight())
             self.merged.append(name)
 
@@ -278,3 +346,43 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.geometry.kind}, active={self.active!r}, merged={self.merged}"
+
+
+class SavedModule(nn.Module):
+    """A module that trains in full for an adapter (`modules_to_save`, e.g. a new classifier head).
+
+    The original stays frozen and in place for the base model and other adapters; each adapter
+    owns a copy, used while that adapter is active."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.rows: list[str | None] | None = None
+        self.train(original.training)
+
+    def add(self, name: str) -> nn.Module:
+        if name in self.copies:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        self.copies[name] = copy = deepcopy(self.original)
+        if self.active is None:
+            self.active = name
+        return copy
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active not in self.copies:
+            return self.original
+        return self.copies[self.active]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.rows is None or self.disabled:
+            return self.current()(x, *args, **kwargs)
+        if x.shape[0] != len(self.rows):
+            raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(self.rows)} adapter names were given")
+        y = self.original(x, *args, **kwargs)
+        for name in {n for n in self.rows if n in self.copies}:
+            mask = torch.tensor([n == name for n in self.rows], device=x.device)
+            y = torch.where(mask.view(-1, *[1] * (y.ndim - 1)), self.copies[name](x, *args, **kwargs), y)
+        return y

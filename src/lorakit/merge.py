@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .inject import _set_submodule
-from .layers import LoraLayer
+from .layers import LoraLayer, SavedModule
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -63,9 +63,13 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """Merge, then put each original layer back in place of its LoRA wrapper.
 
-    The returned model (the same object) is made only of the original layer types; its state_dict
-    loads with strict=True into a freshly built base model."""
+    The returned model (the same object) is made only of the original layer types — a module in
+    `modules_to_save` is replaced by the adapter's trained copy — and its state_dict loads with
+    strict=True into a freshly built base model."""
     merge(model, adapter)
     for name, layer in lora_layers(model):
         _set_submodule(model, name, layer.base)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]:
+        chosen = adapter if adapter is not None else module.active
+        _set_submodule(model, name, module.copies[chosen] if chosen in module.copies else module.original)
     return model

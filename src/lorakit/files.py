@@ -1,0 +1,494 @@
+"""Adapter files: only the adapter's tensors, in safetensors, with a versioned JSON config.
+
+A directory holds `adapter_model.safetensors` and `adapter_config.json`, in lorakit's own format or
+in Hugging Face PEFT's (both are read; `load_adapter` tells them apart by the config). Files are
+written atomically (temporary file, then rename) and never unpickled.
+
+Tensor keys, lorakit format: `{layer}.lora_a`, `{layer}.lora_b`, `{module}.{param}` for a module in
+`modules_to_save`, `{module}.bias` for biases trained under `bias="all"`/`"lora_only"`.
+PEFT format: the same under `base_model.model.`, with `lora_A.weight`/`lora_B.weight` (Embedding:
+`lora_embedding_A`/`lora_embedding_B`), as PEFT's `save_pretrained` writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from .adapters import _holders, list_adapters
+from .inject import Plan, apply_plan, check_plan, freeze
+from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, weight_digest
+
+FORMAT_VERSION = "1.0"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_NATIVE_KEYS = {"format_version", "library", "lorakit_version", "adapter", "lora", "layers", "modules_to_save",
+                "biases", "base", "weights_sha256"}
+_PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
+                     "layers_to_transform": None, "trainable_token_indices": None, "alora_invocation_tokens": None}
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be loaded onto this model; nothing was changed."""
+
+
+@dataclass
+class AdapterSpec:
+    """An adapter as read from (or about to be written to) a directory, independent of format."""
+
+    layers: dict[str, tuple[LoraConfig, Slices | None]]
+    lora: dict[str, tuple[Tensor, Tensor]]  # layer → (lora_a, lora_b) in lorakit's shapes
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → its state_dict
+    biases: dict[str, Tensor] = field(default_factory=dict)  # module → trained bias
+    base: dict | None = None  # fingerprint, when the file has one
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def fingerprint(model: nn.Module, layer_names: list[str]) -> dict:
+    """Architecture, adapted-layer shapes and a hash of their frozen (unmerged) weights."""
+    h = hashlib.sha256()
+    shapes = {}
+    for name in sorted(layer_names):
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLayer):
+            digest, weight = module.base_digest(), module.base.weight
+        else:
+            digest, weight = weight_digest(module.weight), module.weight
+        h.update(f"{name}:{digest}".encode())
+        shapes[name] = list(weight.shape)
+    return {"architecture": type(model).__name__, "shapes": shapes, "weights_sha256": h.hexdigest()}
+
+
+# ---------------------------------------------------------------- save
+
+
+def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
+    """Gather one adapter's tensors and settings from the model."""
+    if adapter not in list_adapters(model):
+        raise ValueError(f"no adapter {adapter!r} on {type(model).__name__}; adapters: "
+                         f"{', '.join(list_adapters(model)) or 'none'}")
+    layers, lora, saved, biases = {}, {}, {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and adapter in m.adapters:
+            a = m.adapters[adapter]
+            layers[name] = (a.config, a.slices)
+            lora[name] = (a.lora_a.detach(), a.lora_b.detach())
+        elif isinstance(m, SavedModule) and adapter in m.copies:
+            saved[name] = {k: v.detach() for k, v in m.copies[adapter].state_dict().items()}
+    bias_mode = next(iter(layers.values()))[0].bias if layers else "none"
+    if bias_mode != "none":
+        biases = _trained_biases(model, adapter, bias_mode)
+    return AdapterSpec(layers, lora, saved, biases, fingerprint(model, list(layers)))
+
+
+def _trained_biases(model: nn.Module, adapter: str, mode: str) -> dict[str, Tensor]:
+    """The biases that `bias="all"` or `"lora_only"` trains, under their base-model names."""
+    inside = {id(m) for h in _holders(model)
+              for m in (h.adapters if isinstance(h, LoraLayer) else h).modules() if m is not h}
+    out = {}
+    for name, m in model.named_modules():
+        if id(m) in inside or isinstance(m, SavedModule):
+            continue
+        if isinstance(m, LoraLayer):
+            inside.add(id(m.base))
+            if mode == "all" or adapter in m.adapters:
+                m = m.base
+            else:
+                continue
+        elif mode != "all":
+            continue
+        if isinstance(getattr(m, "bias", None), nn.Parameter):
+            out[name] = m.bias.detach()
+    return out
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter: str | None = None,
+    format: Literal["lorakit", "peft"] = "lorakit",
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    print_fn=print,
+) -> Path:
+    """Write one adapter (default: the active one) to `directory`; return the weights file's path.
+
+    Only adapter tensors are written (plus `modules_to_save` and trained biases), as they are or
+    cast to `dtype` (torch.bfloat16 or float16 halve the file; loading casts back to fp32). An
+    existing adapter in `directory` is refused unless `overwrite=True`."""
+    if format not in ("lorakit", "peft"):
+        raise ValueError(f"format must be 'lorakit' or 'peft', got {format!r}")
+    adapter = adapter or _only_active(model)
+    spec = adapter_spec(model, adapter)
+    out = Path(directory)
+    if (out / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out / CONFIG_NAME} already exists; pass overwrite=True to replace it")
+    tensors, config = (_to_peft(model, spec, adapter) if format == "peft" else _to_native(spec, adapter))
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    blob = save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+    if format == "lorakit":
+        config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / WEIGHTS_NAME, blob)
+    _write_atomic(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    print_fn(f"lorakit: saved adapter {adapter!r} ({format} format, {len(tensors)} tensors, "
+             f"{len(blob) / 1024:,.1f} KiB) to {out}")
+    return out / WEIGHTS_NAME
+
+
+def _only_active(model: nn.Module) -> str:
+    names = list_adapters(model)
+    active = {m.active for m in _holders(model) if m.active is not None}
+    if len(active) == 1:
+        return active.pop()
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"which adapter? the model has {', '.join(names) or 'none'}; pass adapter=...")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _to_native(spec: AdapterSpec, adapter: str) -> tuple[dict[str, Tensor], dict]:
+    from . import __version__
+
+    tensors = {}
+    for name, (a, b) in spec.lora.items():
+        tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a, b
+    for module, state in spec.saved.items():
+        tensors.update({f"{module}.{k}": v for k, v in state.items()})
+    tensors.update({f"{module}.bias": b for module, b in spec.biases.items()})
+    first = next(iter(spec.layers.values()))[0]
+    layers = {name: {"r": c.r, "alpha": c.r if c.alpha is None else c.alpha,
+                     "slices": [list(s) for s in sl] if sl else None}
+              for name, (c, sl) in spec.layers.items()}
+    config = {"format_version": FORMAT_VERSION, "library": "lorakit", "lorakit_version": __version__,
+              "adapter": adapter, "lora": asdict(first), "layers": layers,
+              "modules_to_save": sorted(spec.saved), "biases": sorted(spec.biases), "base": spec.base}
+    return tensors, config
+
+
+def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, Tensor], dict]:
+    """PEFT's layout. A sliced layer becomes a whole-layer LoRA of rank p·r whose B is the block
+    matrix `up` (zero rows for untouched slices): the same ΔW, in a form PEFT can load."""
+    tensors, ranks, alphas = {}, {}, {}
+    has_conv1d = False
+    for layer_name, (config, _) in spec.layers.items():
+        layer = model.get_submodule(layer_name)
+        adapter = layer.adapters[name]
+        kind = layer.geometry.kind
+        has_conv1d |= kind == "conv1d"
+        up = adapter.up().detach()
+        key = PEFT_PREFIX + layer_name
+        if kind == "embedding":
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = adapter.lora_a.detach(), up
+        else:
+            tensors[f"{key}.lora_A.weight"] = adapter.lora_a.detach()
+            tensors[f"{key}.lora_B.weight"] = up[:, :, None, None] if kind == "conv2d" else up
+        rank = adapter.lora_a.shape[0]
+        ranks[layer_name] = rank
+        alphas[layer_name] = adapter.scale * (rank ** 0.5 if config.rslora else rank)
+    for module, state in spec.saved.items():
+        tensors.update({f"{PEFT_PREFIX}{module}.{k}": v for k, v in state.items()})
+    tensors.update({f"{PEFT_PREFIX}{module}.bias": b for module, b in spec.biases.items()})
+    first = next(iter(spec.layers))
+    r0, a0 = ranks[first], alphas[first]
+    c0 = spec.layers[first][0]
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": r0, "lora_alpha": a0, "lora_dropout": c0.dropout, "use_rslora": c0.rslora, "bias": c0.bias,
+        "target_modules": sorted(spec.layers), "modules_to_save": sorted(spec.saved) or None,
+        "fan_in_fan_out": has_conv1d, "init_lora_weights": True,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
+    }
+    return tensors, config
+
+
+# ---------------------------------------------------------------- read
+
+
+def read_adapter(directory: str | os.PathLike) -> AdapterSpec:
+    """Read an adapter directory (lorakit or PEFT format) without touching any model."""
+    path = Path(directory)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise AdapterFileError(f"{p} not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    blob = weights_path.read_bytes()
+    try:
+        tensors = load_safetensors(blob)
+    except Exception as e:  # safetensors raises its own error types for a bad header or short data
+        raise AdapterFileError(f"{weights_path} is truncated or corrupt ({e})") from None
+    if "peft_type" in config:
+        return _from_peft(config, tensors, config_path)
+    return _from_native(config, tensors, blob, config_path)
+
+
+def _from_native(config: dict, tensors: dict[str, Tensor], blob: bytes, config_path: Path) -> AdapterSpec:
+    version = str(config.get("format_version", ""))
+    if not re.fullmatch(r"\d+\.\d+", version):
+        raise AdapterFileError(f"{config_path} has no valid format_version (got {version!r}); "
+                               f"expected 'MAJOR.MINOR' such as {FORMAT_VERSION!r}")
+    major, minor = map(int, version.split("."))
+    ours_major, ours_minor = map(int, FORMAT_VERSION.split("."))
+    if major > ours_major:
+        raise AdapterFileError(f"{config_path} has format_version {version}, from a newer lorakit; this version "
+                               f"reads format {ours_major}.x — upgrade lorakit to load it")
+    unknown = sorted(set(config) - _NATIVE_KEYS)
+    if unknown:
+        newer = f" (format {version} is newer than {FORMAT_VERSION})" if minor > ours_minor else ""
+        warnings.warn(f"{config_path}: ignoring unknown keys {', '.join(unknown)}{newer}", stacklevel=3)
+    expected = config.get("weights_sha256")
+    if expected and hashlib.sha256(blob).hexdigest() != expected:
+        raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} does not match the hash in {CONFIG_NAME}: "
+                               f"the file is corrupt or from another save")
+    try:
+        lora = config["lora"]
+        settings = {k: lora[k] for k in ("dropout", "rslora", "init", "bias")}
+        layers = {name: (LoraConfig(r=v["r"], alpha=v["alpha"], **settings),
+                         tuple(tuple(s) for s in v["slices"]) if v.get("slices") else None)
+                  for name, v in config["layers"].items()}
+        saved_names, bias_names = list(config.get("modules_to_save", [])), list(config.get("biases", []))
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterFileError(f"{config_path} is missing or has a bad entry ({e})") from None
+    spec = AdapterSpec(layers, {}, base=config.get("base"))
+    remaining = dict(tensors)
+    for name in layers:
+        try:
+            spec.lora[name] = (remaining.pop(f"{name}.lora_a"), remaining.pop(f"{name}.lora_b"))
+        except KeyError as e:
+            raise AdapterFileError(f"{WEIGHTS_NAME} lacks tensor {e.args[0]!r} named in {CONFIG_NAME}") from None
+    for name in bias_names:
+        if f"{name}.bias" not in remaining:
+            raise AdapterFileError(f"{WEIGHTS_NAME} lacks tensor '{name}.bias' named in {CONFIG_NAME}")
+        spec.biases[name] = remaining.pop(f"{name}.bias")
+    for module in saved_names:
+        spec.saved[module] = {k[len(module) + 1:]: remaining.pop(k) for k in list(remaining) if k.startswith(module + ".")}
+    if remaining:
+        raise AdapterFileError(f"{WEIGHTS_NAME} has tensors that {CONFIG_NAME} does not describe: "
+                               f"{', '.join(sorted(remaining)[:5])}")
+    return spec
+
+
+_PEFT_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?")
+
+
+def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> AdapterSpec:
+    if config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{config_path} is a PEFT {config.get('peft_type')!r} adapter; lorakit reads LORA")
+    for key, neutral in _PEFT_UNSUPPORTED.items():
+        if config.get(key, neutral) not in (neutral, None, False, [], {}):
+            raise AdapterFileError(f"{config_path} uses PEFT option {key}={config[key]!r}, which lorakit does not support")
+    alpha_pattern = config.get("alpha_pattern") or {}
+    settings = {"dropout": config.get("lora_dropout", 0.0), "rslora": bool(config.get("use_rslora", False)),
+                "bias": config.get("bias", "none")}
+    pairs: dict[str, dict[str, Tensor]] = {}
+    rest: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        key = key.removeprefix(PEFT_PREFIX)
+        m = _PEFT_KEY.fullmatch(key)
+        if m:
+            pairs.setdefault(m["module"], {})[m["part"][-1]] = value
+        else:
+            rest[key] = value
+    spec = AdapterSpec({}, {})
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} has only lora_{''.join(ab)} for {name!r}")
+        a, b = ab["A"], ab["B"]
+        b = b.flatten(1) if b.ndim == 4 else b  # Conv2d B: (out, r, 1, 1)
+        r = a.shape[0]
+        alpha = next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)),
+                     config.get("lora_alpha", r))
+        spec.layers[name] = (LoraConfig(r=r, alpha=alpha, **settings), None)
+        spec.lora[name] = (a, b)
+    saved = config.get("modules_to_save") or []
+    for key, value in rest.items():
+        root = _saved_root(key, saved)
+        if root is not None:
+            spec.saved.setdefault(root, {})[key[len(root) + 1:]] = value
+        elif key.endswith(".bias") and settings["bias"] != "none":
+            spec.biases[key.removesuffix(".bias")] = value
+        else:
+            raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} has tensor {key!r} that its config "
+                                   f"does not explain")
+    return spec
+
+
+def _saved_root(key: str, saved: list[str]) -> str | None:
+    """The module a modules_to_save tensor belongs to: the longest name prefix of `key` that is,
+    or ends with, one of the saved names."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if any(prefix == s or prefix.endswith("." + s) for s in saved):
+            return prefix
+    return None
+
+
+# ---------------------------------------------------------------- load
+
+
+def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -> Plan:
+    """Everything that can be wrong, checked before the model changes; returns the surgery plan."""
+    plan: Plan = {}
+    problems = []
+    for name, (config, slices) in spec.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"layer {name!r} is not in {type(model).__name__}")
+            continue
+        base = module.base if isinstance(module, LoraLayer) else module
+        try:
+            expected = LoraAdapter(Geometry.of(base), config, slices, device="meta")
+        except (TypeError, ValueError) as e:
+            problems.append(f"{name}: {e}")
+            continue
+        a, b = spec.lora[name]
+        for key, got, want in (("lora_a", a, expected.lora_a), ("lora_b", b, expected.lora_b)):
+            if tuple(got.shape) != tuple(want.shape):
+                problems.append(f"{name}.{key} has shape {tuple(got.shape)} in the file but {tuple(want.shape)} here")
+        plan[name] = (module, config, slices)
+    for module_name, state in spec.saved.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"module {module_name!r} (modules_to_save) is not in {type(model).__name__}")
+            continue
+        own = (module.original if isinstance(module, SavedModule) else module).state_dict()
+        for k, v in state.items():
+            if k not in own or own[k].shape != v.shape:
+                want = tuple(own[k].shape) if k in own else "no such tensor"
+                problems.append(f"{module_name}.{k} has shape {tuple(v.shape)} in the file but {want} here")
+        problems += [f"{module_name}.{k} is missing from the file" for k in own if k not in state]
+    for module_name, b in spec.biases.items():
+        try:
+            target = model.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"module {module_name!r} (trained bias) is not in {type(model).__name__}")
+            continue
+        own = getattr(target.base if isinstance(target, LoraLayer) else target, "bias", None)
+        if own is None or own.shape != b.shape:
+            problems.append(f"{module_name}.bias has shape {tuple(b.shape)} in the file but "
+                            f"{None if own is None else tuple(own.shape)} here")
+    if problems:
+        raise AdapterFileError(f"adapter in {where} does not fit {type(model).__name__}: " + "; ".join(problems[:6])
+                               + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+    if spec.base is not None:
+        ours = fingerprint(model, list(spec.layers))
+        diff = [k for k in ("architecture", "weights_sha256") if spec.base.get(k) != ours[k]]
+        if diff:
+            what = (f"architecture {spec.base.get('architecture')!r} vs {ours['architecture']!r}"
+                    if "architecture" in diff else "the frozen weights of the adapted layers differ")
+            message = f"adapter in {where} was trained on a different base model ({what})"
+            if not force:
+                raise AdapterFileError(message + "; pass force=True to load it anyway")
+            warnings.warn(message + "; loading anyway because force=True", stacklevel=3)
+    return plan
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    trainable: bool = False,
+    force: bool = False,
+) -> list[str]:
+    """Load an adapter directory (lorakit or PEFT format) onto `model` as adapter `name`.
+
+    Works on a plain base model (the adapted layers are injected) and on one that already has
+    adapters (this one is added beside them). The adapter becomes active when none was; it trains
+    only with `trainable=True`. Every check — shapes, file integrity, format version, the base
+    fingerprint (overridable with `force=True`) — runs before the model changes. Returns the
+    names of the adapted layers."""
+    spec = read_adapter(directory)
+    if name in list_adapters(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
+    plan = _check_fits(model, spec, force, Path(directory))
+    check_plan(plan, list(spec.saved), model, name)
+    had_active = any(m.active is not None for m in _holders(model))
+    apply_plan(model, plan, list(spec.saved), name)
+    _copy_in(model, spec, name)
+    bias_mode = next(iter(spec.layers.values()))[0].bias if spec.layers else "none"
+    freeze(model, name, bias=bias_mode if trainable else "none")
+    for m in _holders(model):
+        if not trainable and name in (m.adapters if isinstance(m, LoraLayer) else m.copies):
+            (m.adapters if isinstance(m, LoraLayer) else m.copies)[name].requires_grad_(False)
+        if not had_active:
+            m.active = name if name in (m.adapters if isinstance(m, LoraLayer) else m.copies) else None
+    return list(spec.layers)
+
+
+@torch.no_grad()
+def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
+    for layer_name, (a, b) in spec.lora.items():
+        adapter = model.get_submodule(layer_name).adapters[name]
+        adapter.lora_a.copy_(a.view_as(adapter.lora_a))
+        adapter.lora_b.copy_(b)
+    for module_name, state in spec.saved.items():
+        model.get_submodule(module_name).copies[name].load_state_dict(state, strict=True)
+    for module_name, b in spec.biases.items():
+        target = model.get_submodule(module_name)
+        (target.base if isinstance(target, LoraLayer) else target).bias.copy_(b)
+
+
+def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: bool = False) -> None:
+    """Replace the weights (and alpha, dropout) of loaded adapter `name` from a new directory, in place.
+
+    The new adapter must cover the same layers with the same shapes; nothing is re-injected, so
+    references to the model and compiled graphs stay valid."""
+    if name not in list_adapters(model):
+        raise ValueError(f"no adapter {name!r} to swap; adapters: {', '.join(list_adapters(model)) or 'none'}")
+    spec = read_adapter(directory)
+    current = {n for n, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))
+               and name in (m.adapters if isinstance(m, LoraLayer) else m.copies)}
+    incoming = set(spec.layers) | set(spec.saved)
+    if incoming != current:
+        missing, extra = sorted(current - incoming), sorted(incoming - current)
+        raise AdapterFileError(f"adapter in {directory} covers other modules than {name!r}: "
+                               f"missing {missing[:3]}, extra {extra[:3]}")
+    merged = [n for n in spec.layers if name in model.get_submodule(n).merged]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into {merged[0]}; unmerge before swapping it")
+    _check_fits(model, spec, force, Path(directory))
+    for layer_name, (config, _) in spec.layers.items():
+        adapter = model.get_submodule(layer_name).adapters[name]
+        adapter.config, adapter.scale = config, config.scale
+        if isinstance(adapter.dropout, nn.Dropout):
+            adapter.dropout.p = config.dropout
+    _copy_in(model, spec, name)

@@ -1,0 +1,209 @@
+"""Many adapters on one base: switching, disabling, deleting, combining, mixed batches."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraLayer
+
+from conftest import randomize
+
+
+def two_adapters(model, targets):
+    base_state = copy.deepcopy(model)
+    lorakit.inject(model, targets, r=4, alpha=8, adapter="a")
+    randomize(model)
+    lorakit.inject(model, targets, r=2, alpha=2, adapter="b")
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                for t in (m.adapters["b"].lora_a, m.adapters["b"].lora_b):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    return base_state
+
+
+def test_switch_disable_delete(tiny_llama):
+    ids = torch.randint(0, 120, (2, 8))
+    base = tiny_llama(ids).logits
+    two_adapters(tiny_llama, ["q_proj", "v_proj"])
+    assert lorakit.list_adapters(tiny_llama) == ["a", "b"]
+    assert lorakit.active_adapter(tiny_llama) == "b"  # inject activates the adapter it adds
+    out_b = tiny_llama(ids).logits
+    lorakit.set_adapter(tiny_llama, "a")
+    out_a = tiny_llama(ids).logits
+    assert (out_a - out_b).abs().max() > 1e-3 and (out_a - base).abs().max() > 1e-3
+    lorakit.disable_adapters(tiny_llama)
+    assert torch.equal(tiny_llama(ids).logits, base)
+    assert lorakit.active_adapter(tiny_llama) is None
+    lorakit.enable_adapters(tiny_llama)
+    assert torch.equal(tiny_llama(ids).logits, out_a)
+    lorakit.delete_adapter(tiny_llama, "a")
+    assert lorakit.list_adapters(tiny_llama) == ["b"] and lorakit.active_adapter(tiny_llama) is None
+    assert torch.equal(tiny_llama(ids).logits, base)
+    lorakit.set_adapter(tiny_llama, "b")
+    assert torch.equal(tiny_llama(ids).logits, out_b)
+    with pytest.raises(ValueError, match="no adapter 'a' on LlamaForCausalLM; adapters: b"):
+        lorakit.set_adapter(tiny_llama, "a")
+
+
+def test_switching_while_merged_is_refused(tiny_llama):
+    two_adapters(tiny_llama, ["q_proj"])
+    lorakit.merge(tiny_llama)
+    with pytest.raises(ValueError, match=r"adapter\(s\) b are merged into the base weights; call lorakit.unmerge"):
+        lorakit.set_adapter(tiny_llama, "a")
+    with pytest.raises(ValueError, match="merged"):
+        lorakit.disable_adapters(tiny_llama)
+
+
+def test_second_inject_trains_only_the_new_adapter(tiny_llama):
+    lorakit.inject(tiny_llama, ["q_proj"], r=2, adapter="first")
+    for m in tiny_llama.modules():
+        if isinstance(m, LoraLayer):
+            m.adapters["first"].requires_grad_(False)
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=2, adapter="second")
+    trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.second." in n for n in trainable)
+
+
+def test_training_a_frozen_adapter_warns(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    lorakit.inject(tiny_llama, ["q_proj"], r=2)
+    randomize(tiny_llama)
+    lorakit.save_adapter(tiny_llama, tmp_path, print_fn=lambda s: None)
+    ids = torch.randint(0, 120, (2, 8))
+
+    frozen = copy.deepcopy(base)
+    lorakit.load_adapter(frozen, tmp_path)
+    frozen.train()
+    with pytest.warns(UserWarning, match="training with LoRA adapter 'default' frozen, so it will not learn"):
+        frozen(ids, labels=ids)
+
+    trainable = copy.deepcopy(base)
+    lorakit.load_adapter(trainable, tmp_path, trainable=True)
+    trainable.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainable(ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in trainable.named_parameters() if p.requires_grad]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------- combining
+
+def delta(model, name):
+    return {n: m.adapters[name].delta_weight() for n, m in model.named_modules()
+            if isinstance(m, LoraLayer) and name in m.adapters}
+
+
+def test_linear_combination_is_exact(tiny_gpt2):
+    two_adapters(tiny_gpt2, ["c_fc", {"c_attn": ("q", "v")}])
+    lorakit.combine_adapters(tiny_gpt2, {"a": 0.7, "b": -0.3}, "mix")
+    da, db, dm = delta(tiny_gpt2, "a"), delta(tiny_gpt2, "b"), delta(tiny_gpt2, "mix")
+    assert dm.keys() == da.keys()
+    for n in dm:
+        torch.testing.assert_close(dm[n], 0.7 * da[n] - 0.3 * db[n], atol=1e-6, rtol=0)
+        assert dm[n].abs().max() > 1e-3
+    assert "mix" in lorakit.list_adapters(tiny_gpt2) and lorakit.active_adapter(tiny_gpt2) == "b"
+
+
+def test_svd_combination_is_the_best_rank_k_approximation(tiny_llama):
+    two_adapters(tiny_llama, ["q_proj", "o_proj"])
+    lorakit.combine_adapters(tiny_llama, {"a": 1.0, "b": 0.5}, "svd", method="svd", r=3)
+    da, db, ds = delta(tiny_llama, "a"), delta(tiny_llama, "b"), delta(tiny_llama, "svd")
+    for n in ds:
+        target = da[n] + 0.5 * db[n]
+        sv = torch.linalg.svdvals(target)
+        err = torch.linalg.matrix_norm(ds[n] - target)
+        torch.testing.assert_close(err, sv[3:].square().sum().sqrt(), atol=1e-5, rtol=1e-4)  # Eckart–Young
+        assert torch.linalg.matrix_rank(ds[n], atol=1e-5) == 3
+        assert err < torch.linalg.matrix_norm(target)
+
+
+def test_combine_validates(tiny_llama):
+    two_adapters(tiny_llama, ["q_proj"])
+    with pytest.raises(ValueError, match="method='svd' needs a rank r >= 1"):
+        lorakit.combine_adapters(tiny_llama, {"a": 1.0}, "x", method="svd")
+    with pytest.raises(ValueError, match="no adapter 'zzz'"):
+        lorakit.combine_adapters(tiny_llama, {"zzz": 1.0}, "x")
+    with pytest.raises(ValueError, match="adapter 'a' already exists"):
+        lorakit.combine_adapters(tiny_llama, {"b": 1.0}, "a")
+
+
+# ---------------------------------------------------------------- mixed batches
+
+def eight_adapters(model, targets):
+    for i in range(8):
+        lorakit.inject(model, targets, r=2 + i % 3, alpha=4, adapter=f"user{i}")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                for a in m.adapters.values():
+                    a.lora_a.copy_(torch.randn(a.lora_a.shape, generator=g) * 0.05)
+                    a.lora_b.copy_(torch.randn(a.lora_b.shape, generator=g) * 0.05)
+
+
+def assert_mixed_equals_rowwise(model, ids, names):
+    """Row i of the mixed batch equals row i run alone with adapter names[i]."""
+    with torch.no_grad(), lorakit.mixed_batch(model, names):
+        mixed = model(ids).logits
+    outs = []
+    for i, name in enumerate(names):
+        if name is None:
+            lorakit.disable_adapters(model)
+        else:
+            lorakit.set_adapter(model, name)
+        with torch.no_grad():
+            outs.append(model(ids[i:i + 1]).logits)
+        lorakit.enable_adapters(model)
+    alone = torch.cat(outs)
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 1e-3  # rows really use different adapters
+
+
+def test_mixed_batch_eight_adapters_tiny_llama(tiny_llama):
+    eight_adapters(tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "embed_tokens"])
+    ids = torch.randint(0, 120, (10, 7), generator=torch.Generator().manual_seed(1))
+    names = [f"user{i}" for i in range(8)] + [None, "user3"]
+    assert_mixed_equals_rowwise(tiny_llama, ids, names)
+
+
+def test_mixed_batch_eight_adapters_smollm2(smollm2):
+    """In float64: in fp32 this 30-layer model's logits move by ~1e-4 between a batch of 9 and
+    single rows even without adapters, which would hide what the test checks."""
+    smollm2.double()
+    eight_adapters(smollm2, ["q_proj", "v_proj"])
+    ids = torch.randint(100, 40000, (9, 6), generator=torch.Generator().manual_seed(2))
+    assert_mixed_equals_rowwise(smollm2, ids, [f"user{i}" for i in range(8)] + [None])
+
+
+def test_mixed_batch_with_modules_to_save(minilm):
+    for name in ("pos", "neg"):
+        lorakit.inject(minilm, ["query", "value"], r=4, adapter=name, modules_to_save=["classifier"])
+        randomize(minilm)
+        with torch.no_grad():
+            minilm.classifier.copies[name].weight.normal_()
+    ids = torch.randint(1000, 5000, (3, 9))
+    with torch.no_grad(), lorakit.mixed_batch(minilm, ["pos", None, "neg"]):
+        mixed = minilm(ids).logits
+    for i, name in enumerate(["pos", None, "neg"]):
+        lorakit.disable_adapters(minilm) if name is None else lorakit.set_adapter(minilm, name)
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[i:i + 1], minilm(ids[i:i + 1]).logits, atol=1e-5, rtol=0)
+        lorakit.enable_adapters(minilm)
+
+
+def test_mixed_batch_validates(tiny_llama):
+    eight_adapters(tiny_llama, ["q_proj"])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with lorakit.mixed_batch(tiny_llama, ["nobody"]):
+            pass
+    with pytest.raises(ValueError, match="mixed batch has 2 rows but 3 adapter names"):
+        with lorakit.mixed_batch(tiny_llama, ["user1", "user2", None]):
+            tiny_llama(torch.randint(0, 120, (2, 5)))
+    assert all(m.rows is None for m in tiny_llama.modules() if isinstance(m, LoraLayer))

@@ -1,0 +1,291 @@
+"""Adapter files: round trips, PEFT in both directions, and every refusal leaves the model as it was."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit import AdapterFileError, LoraLayer
+
+from conftest import assert_untouched, plain_state, randomize
+
+TOKENS = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def trained_minilm(minilm, **kwargs):
+    base = copy.deepcopy(minilm)
+    lorakit.inject(minilm, ["query", "value"], r=8, alpha=16, **kwargs)
+    randomize(minilm, std=0.05)
+    return base, minilm
+
+
+def test_round_trip_identical_logits_only_adapter_tensors(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    expected = model(TOKENS).logits
+    path = lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
+    keys = set(load_file(path))
+    assert len(keys) == 24 and all(k.endswith((".lora_a", ".lora_b")) for k in keys)
+    assert path.stat().st_size < 300_000  # 73,728 fp32 values
+    fresh = copy.deepcopy(base)
+    assert lorakit.load_adapter(fresh, tmp_path / "a")
+    got = fresh(TOKENS).logits
+    assert torch.equal(got, expected)
+    assert (got - base(TOKENS).logits).abs().max() > 1e-3
+    assert not any(p.requires_grad for p in fresh.parameters())
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["format_version"] == "1.0" and config["lora"]["r"] == 8
+    assert config["base"]["architecture"] == "BertForSequenceClassification"
+    assert len(config["layers"]) == 12 and len(config["base"]["weights_sha256"]) == 64
+
+
+def test_sixteen_bit_file_is_under_200_kb(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    expected = model(TOKENS).logits
+    path = lorakit.save_adapter(model, tmp_path / "a", dtype=torch.bfloat16, print_fn=lambda s: None)
+    assert path.stat().st_size < 200_000
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(TOKENS).logits, expected, atol=1e-2, rtol=0)
+    assert fresh.bert.encoder.layer[0].attention.self.query.adapters["default"].lora_a.dtype == torch.float32
+
+
+def test_modules_to_save_round_trip(minilm, tmp_path):
+    base, model = trained_minilm(minilm, modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.classifier.copies["default"].weight.add_(0.5)
+    expected = model(TOKENS).logits
+    lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(fresh(TOKENS).logits, expected)
+    lorakit.disable_adapters(fresh)
+    assert torch.equal(fresh(TOKENS).logits, base(TOKENS).logits)
+
+
+def test_save_refuses_to_overwrite_and_leaves_no_temp_files(minilm, tmp_path):
+    _, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path, print_fn=lambda s: None)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        lorakit.save_adapter(model, tmp_path, print_fn=lambda s: None)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    lorakit.save_adapter(model, tmp_path, overwrite=True, print_fn=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_prints_size(minilm, tmp_path):
+    _, model = trained_minilm(minilm)
+    out = []
+    lorakit.save_adapter(model, tmp_path, print_fn=out.append)
+    assert "24 tensors, 290.7 KiB" in out[0]  # 288 KiB of fp32 values plus the header
+
+
+# ---------------------------------------------------------------- PEFT both ways
+
+def peft_round_trips(base, model, targets, tmp_path, tokens):
+    peft = pytest.importorskip("peft")
+    expected = model(tokens).logits
+    assert (expected - base(tokens).logits).abs().max() > 1e-3
+    # lorakit → PEFT
+    lorakit.save_adapter(model, tmp_path / "ours", format="peft", print_fn=lambda s: None)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(input_ids=tokens).logits, expected, atol=1e-5, rtol=0)
+    # PEFT → lorakit
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.05)
+    twin.eval()
+    twin.save_pretrained(tmp_path / "theirs")
+    peft_logits = twin(input_ids=tokens).logits
+    ours = copy.deepcopy(base)
+    lorakit.load_adapter(ours, tmp_path / "theirs")
+    got = ours(tokens).logits
+    torch.testing.assert_close(got, peft_logits, atol=1e-5, rtol=0)
+    assert (got - base(tokens).logits).abs().max() > 1e-3
+
+
+def test_peft_both_ways_minilm(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    peft_round_trips(base, model, ["query", "value"], tmp_path, TOKENS)
+
+
+def test_peft_both_ways_smollm2(smollm2, tmp_path):
+    base = copy.deepcopy(smollm2)
+    lorakit.inject(smollm2, ["q_proj", "v_proj"], r=8, alpha=16)
+    randomize(smollm2, std=0.02)
+    tokens = torch.randint(100, 40000, (2, 10), generator=torch.Generator().manual_seed(5))
+    peft_round_trips(base, smollm2, ["q_proj", "v_proj"], tmp_path, tokens)
+
+
+def test_fused_slices_export_to_peft_as_whole_layer_lora(tiny_gpt2, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = copy.deepcopy(tiny_gpt2)
+    lorakit.inject(tiny_gpt2, {"c_attn": ("q", "v")}, r=4, alpha=8)
+    randomize(tiny_gpt2)
+    ids = torch.randint(0, 100, (2, 9))
+    expected = tiny_gpt2(ids).logits
+    lorakit.save_adapter(tiny_gpt2, tmp_path, format="peft", print_fn=lambda s: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    assert (expected - base(ids).logits).abs().max() > 1e-2
+    ours = copy.deepcopy(base)
+    lorakit.load_adapter(ours, tmp_path)
+    torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- refusals
+
+@pytest.fixture
+def saved(minilm, tmp_path):
+    """A saved MiniLM adapter and a fresh base to load it into."""
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
+    return base, tmp_path / "a"
+
+
+def test_refuses_a_different_base_unless_forced(saved):
+    base, path = saved
+    with torch.no_grad():
+        base.bert.encoder.layer[3].attention.self.value.weight.mul_(1.01)  # a fine-tuned base
+    state = plain_state(base)
+    with pytest.raises(AdapterFileError, match=r"trained on a different base model \(the frozen weights of the "
+                                                r"adapted layers differ\); pass force=True"):
+        lorakit.load_adapter(base, path)
+    assert_untouched(base, state)
+    with pytest.warns(UserWarning, match="loading anyway because force=True"):
+        lorakit.load_adapter(base, path, force=True)
+    assert any(isinstance(m, LoraLayer) for m in base.modules())
+
+
+def test_refuses_shape_mismatch_naming_keys(saved, tmp_path):
+    base, path = saved
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = "bert.encoder.layer.0.attention.self.query.lora_a"
+    tensors[key] = torch.zeros(8, 500)
+    from safetensors.torch import save_file
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, bad / "adapter_model.safetensors")
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["weights_sha256"]
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    state = plain_state(base)
+    with pytest.raises(AdapterFileError, match=r"query.lora_a has shape \(8, 500\) in the file but \(8, 384\) here"):
+        lorakit.load_adapter(base, bad)
+    assert_untouched(base, state)
+
+
+@pytest.mark.parametrize("cut", [10, 1000, 100_000])
+def test_refuses_truncated_file(saved, cut):
+    base, path = saved
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-cut])
+    state = plain_state(base)
+    with pytest.raises(AdapterFileError, match="is truncated or corrupt"):
+        lorakit.load_adapter(base, path)
+    assert_untouched(base, state)
+
+
+def test_refuses_flipped_bytes_by_hash(saved):
+    base, path = saved
+    weights = path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    state = plain_state(base)
+    with pytest.raises(AdapterFileError, match="does not match the hash"):
+        lorakit.load_adapter(base, path)
+    assert_untouched(base, state)
+
+
+def test_refuses_a_pickle_and_never_unpickles(saved):
+    import pickle
+
+    base, path = saved
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    (path / "adapter_model.safetensors").write_bytes(pickle.dumps(Boom()))
+    state = plain_state(base)
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        lorakit.load_adapter(base, path)
+    assert_untouched(base, state)
+
+
+def test_refuses_corrupt_config(saved):
+    base, path = saved
+    (path / "adapter_config.json").write_text("{ not json")
+    with pytest.raises(AdapterFileError, match="is not valid JSON"):
+        lorakit.load_adapter(base, path)
+
+
+def test_refuses_newer_major_version(saved):
+    base, path = saved
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["format_version"] = "2.0"
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    state = plain_state(base)
+    with pytest.raises(AdapterFileError, match="format_version 2.0, from a newer lorakit; this version reads format 1.x"):
+        lorakit.load_adapter(base, path)
+    assert_untouched(base, state)
+
+
+def test_unknown_keys_from_newer_minor_warn_and_load(saved):
+    base, path = saved
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["format_version"] = "1.7"
+    config["quantum_flux"] = True
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"ignoring unknown keys quantum_flux \(format 1.7 is newer than 1.0\)"):
+        lorakit.load_adapter(base, path)
+    assert any(isinstance(m, LoraLayer) for m in base.modules())
+
+
+def test_missing_directory(minilm, tmp_path):
+    with pytest.raises(AdapterFileError, match="adapter_config.json not found"):
+        lorakit.load_adapter(minilm, tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- hot swap, many adapters
+
+def test_hot_swap_replaces_weights_in_place(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "one", print_fn=lambda s: None)
+    randomize(model, std=0.08)
+    lorakit.save_adapter(model, tmp_path / "two", print_fn=lambda s: None)
+    second = model(TOKENS).logits
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path / "one", name="live")
+    layer = fresh.bert.encoder.layer[0].attention.self.query
+    first = fresh(TOKENS).logits
+    lorakit.hot_swap(fresh, tmp_path / "two", "live")
+    assert fresh.bert.encoder.layer[0].attention.self.query is layer
+    assert torch.equal(fresh(TOKENS).logits, second) and not torch.equal(first, second)
+
+
+def test_load_second_adapter_beside_first(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
+    a_logits = model(TOKENS).logits
+    randomize(model, std=0.1)
+    lorakit.save_adapter(model, tmp_path / "b", print_fn=lambda s: None)
+    b_logits = model(TOKENS).logits
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path / "a", name="a")
+    lorakit.load_adapter(fresh, tmp_path / "b", name="b")
+    assert lorakit.list_adapters(fresh) == ["a", "b"]
+    assert torch.equal(fresh(TOKENS).logits, a_logits)  # the first stays active
+    lorakit.set_adapter(fresh, "b")
+    assert torch.equal(fresh(TOKENS).logits, b_logits)
+    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
+        lorakit.load_adapter(fresh, tmp_path / "a", name="a")
