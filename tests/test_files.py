@@ -289,3 +289,28 @@ def test_load_second_adapter_beside_first(minilm, tmp_path):
     assert torch.equal(fresh(TOKENS).logits, b_logits)
     with pytest.raises(ValueError, match="already has an adapter named 'a'"):
         lorakit.load_adapter(fresh, tmp_path / "a", name="a")
+
+
+def test_refuses_an_adapter_for_another_model(saved, tiny_gpt2):
+    _, path = saved
+    state = plain_state(tiny_gpt2)
+    with pytest.raises(AdapterFileError, match=r"does not fit GPT2LMHeadModel: layer "
+                                                r"'bert.encoder.layer.0.attention.self.query' is not in GPT2LMHeadModel"):
+        lorakit.load_adapter(tiny_gpt2, path)
+    assert_untouched(tiny_gpt2, state)
+
+
+@pytest.mark.parametrize("fmt", ["lorakit", "peft"])
+def test_trained_biases_round_trip(convnet, tmp_path, fmt):
+    base = copy.deepcopy(convnet)
+    lorakit.inject(convnet, ["fc1", "fc2"], r=2, bias="lora_only")
+    randomize(convnet)
+    with torch.no_grad():
+        convnet.fc1.base.bias.add_(1.0)
+    x = torch.randn(2, 3, 32, 32)
+    expected = convnet(x)
+    lorakit.save_adapter(convnet, tmp_path, format=fmt, print_fn=lambda s: None)
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(x), expected, atol=1e-6, rtol=0)
+    assert (expected - base(x)).abs().max() > 1e-3

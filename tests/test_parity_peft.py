@@ -66,29 +66,16 @@ def test_minilm_query_value_matches_peft(minilm, rslora):
     assert_same_grads(minilm, twin)
 
 
-def test_gpt2_c_attn_matches_peft(tiny_gpt2):
+@pytest.mark.parametrize("target, extra", [("c_attn", {"fan_in_fan_out": True}), ("wte", {})])
+def test_gpt2_matches_peft(tiny_gpt2, target, extra):
+    """GPT-2's fused Conv1D c_attn (stored transposed) and its token embedding."""
     ids = torch.randint(0, 100, (2, 20))
     base_logits = tiny_gpt2(ids).logits
     base = copy.deepcopy(tiny_gpt2)
-    lorakit.inject(tiny_gpt2, ["c_attn"], r=4, alpha=8)
+    lorakit.inject(tiny_gpt2, [target], r=4, alpha=8)
     randomize(tiny_gpt2)
-    twin = peft_twin(base, tiny_gpt2, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    twin = peft_twin(base, tiny_gpt2, r=4, lora_alpha=8, target_modules=[target], **extra)
 
-    ours, theirs = tiny_gpt2(ids, labels=ids), twin(input_ids=ids, labels=ids)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-2
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(tiny_gpt2, twin)
-
-
-def test_gpt2_embedding_matches_peft(tiny_gpt2):
-    ids = torch.randint(0, 100, (2, 20))
-    base_logits = tiny_gpt2(ids).logits
-    base = copy.deepcopy(tiny_gpt2)
-    lorakit.inject(tiny_gpt2, ["wte"], r=4, alpha=8)
-    randomize(tiny_gpt2)
-    twin = peft_twin(base, tiny_gpt2, r=4, lora_alpha=8, target_modules=["wte"])
     ours, theirs = tiny_gpt2(ids, labels=ids), twin(input_ids=ids, labels=ids)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert (ours.logits - base_logits).abs().max() > 1e-2

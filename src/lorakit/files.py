@@ -366,12 +366,17 @@ def _saved_root(key: str, saved: list[str]) -> str | None:
 def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -> Plan:
     """Everything that can be wrong, checked before the model changes; returns the surgery plan."""
     plan: Plan = {}
-    problems = []
-    for name, (config, slices) in spec.layers.items():
+    problems: list[str] = []
+
+    def find(name: str, what: str) -> nn.Module | None:
         try:
-            module = model.get_submodule(name)
+            return model.get_submodule(name)
         except AttributeError:
-            problems.append(f"layer {name!r} is not in {type(model).__name__}")
+            problems.append(f"{what} {name!r} is not in {type(model).__name__}")
+            return None
+
+    for name, (config, slices) in spec.layers.items():
+        if (module := find(name, "layer")) is None:
             continue
         base = module.base if isinstance(module, LoraLayer) else module
         try:
@@ -385,10 +390,7 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
                 problems.append(f"{name}.{key} has shape {tuple(got.shape)} in the file but {tuple(want.shape)} here")
         plan[name] = (module, config, slices)
     for module_name, state in spec.saved.items():
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            problems.append(f"module {module_name!r} (modules_to_save) is not in {type(model).__name__}")
+        if (module := find(module_name, "module (modules_to_save)")) is None:
             continue
         own = (module.original if isinstance(module, SavedModule) else module).state_dict()
         for k, v in state.items():
@@ -397,10 +399,7 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
                 problems.append(f"{module_name}.{k} has shape {tuple(v.shape)} in the file but {want} here")
         problems += [f"{module_name}.{k} is missing from the file" for k in own if k not in state]
     for module_name, b in spec.biases.items():
-        try:
-            target = model.get_submodule(module_name)
-        except AttributeError:
-            problems.append(f"module {module_name!r} (trained bias) is not in {type(model).__name__}")
+        if (target := find(module_name, "module (trained bias)")) is None:
             continue
         own = getattr(target.base if isinstance(target, LoraLayer) else target, "bias", None)
         if own is None or own.shape != b.shape:
