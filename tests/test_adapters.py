@@ -187,7 +187,7 @@ def test_mixed_batch_with_modules_to_save(minilm):
         lorakit.inject(minilm, ["query", "value"], r=4, adapter=name, modules_to_save=["classifier"])
         randomize(minilm)
         with torch.no_grad():
-            minilm.classifier.copies[name].weight.normal_()
+            minilm.classifier.adapters[name].weight.normal_()
     ids = torch.randint(1000, 5000, (3, 9))
     with torch.no_grad(), lorakit.mixed_batch(minilm, ["pos", None, "neg"]):
         mixed = minilm(ids).logits

@@ -56,7 +56,7 @@ def test_sixteen_bit_file_is_under_200_kb(minilm, tmp_path):
 def test_modules_to_save_round_trip(minilm, tmp_path):
     base, model = trained_minilm(minilm, modules_to_save=["classifier"])
     with torch.no_grad():
-        model.classifier.copies["default"].weight.add_(0.5)
+        model.classifier.adapters["default"].weight.add_(0.5)
     expected = model(TOKENS).logits
     lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
     fresh = copy.deepcopy(base)

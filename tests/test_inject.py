@@ -87,7 +87,7 @@ def test_freezes_everything_else_and_keeps_modules_to_save(convnet):
     lorakit.inject(convnet, ["fc1"], r=4, modules_to_save=["fc3"])
     assert trainable_names(convnet) == {
         "fc1.adapters.default.lora_a", "fc1.adapters.default.lora_b",
-        "fc3.copies.default.weight", "fc3.copies.default.bias"}
+        "fc3.adapters.default.weight", "fc3.adapters.default.bias"}
     assert not convnet.fc3.original.weight.requires_grad
 
 

@@ -1,6 +1,6 @@
 """Many adapters over one frozen base: list, switch, disable, delete, combine, mix within a batch.
 
-Each `LoraLayer` holds its adapters by name and each `SavedModule` its copies; these functions act
+Each `LoraLayer` holds its adapters by name, and so does each `SavedModule` (its copies); these functions act
 on all of them at once. An adapter may cover only some layers; where it is absent, switching to it
 leaves the layer at its base.
 """
@@ -21,13 +21,9 @@ def _holders(model: nn.Module) -> list[LoraLayer | SavedModule]:
     return [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
 
 
-def _names(module: LoraLayer | SavedModule) -> list[str]:
-    return list(module.adapters if isinstance(module, LoraLayer) else module.copies)
-
-
 def list_adapters(model: nn.Module) -> list[str]:
     """Adapter names on the model, in the order they were added."""
-    return list(dict.fromkeys(n for m in _holders(model) for n in _names(m)))
+    return list(dict.fromkeys(n for m in _holders(model) for n in m.adapters))
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -54,7 +50,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     _require(model, name)
     _refuse_merged(model, f"switch to adapter {name!r}")
     for m in _holders(model):
-        m.active = name if name in _names(m) else None
+        m.active = name if name in m.adapters else None
         m.disabled = False
 
 
@@ -77,9 +73,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]} and others; unmerge before deleting it")
     for m in _holders(model):
-        store = m.adapters if isinstance(m, LoraLayer) else m.copies
-        if name in store:
-            del store[name]
+        if name in m.adapters:
+            del m.adapters[name]
         if m.active == name:
             m.active = None
 

@@ -88,8 +88,8 @@ def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
             a = m.adapters[adapter]
             layers[name] = (a.config, a.slices)
             lora[name] = (a.lora_a.detach(), a.lora_b.detach())
-        elif isinstance(m, SavedModule) and adapter in m.copies:
-            saved[name] = {k: v.detach() for k, v in m.copies[adapter].state_dict().items()}
+        elif isinstance(m, SavedModule) and adapter in m.adapters:
+            saved[name] = {k: v.detach() for k, v in m.adapters[adapter].state_dict().items()}
     bias_mode = next(iter(layers.values()))[0].bias if layers else "none"
     if bias_mode != "none":
         biases = _trained_biases(model, adapter, bias_mode)
@@ -98,8 +98,8 @@ def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
 
 def _trained_biases(model: nn.Module, adapter: str, mode: str) -> dict[str, Tensor]:
     """The biases that `bias="all"` or `"lora_only"` trains, under their base-model names."""
-    inside = {id(m) for h in _holders(model)
-              for m in (h.adapters if isinstance(h, LoraLayer) else h).modules() if m is not h}
+    inside = {id(m) for h in _holders(model) for m in h.adapters.modules()}
+    inside |= {id(m) for h in _holders(model) if isinstance(h, SavedModule) for m in h.original.modules()}
     out = {}
     for name, m in model.named_modules():
         if id(m) in inside or isinstance(m, SavedModule):
@@ -446,10 +446,10 @@ def load_adapter(
     bias_mode = next(iter(spec.layers.values()))[0].bias if spec.layers else "none"
     freeze(model, name, bias=bias_mode if trainable else "none")
     for m in _holders(model):
-        if not trainable and name in (m.adapters if isinstance(m, LoraLayer) else m.copies):
-            (m.adapters if isinstance(m, LoraLayer) else m.copies)[name].requires_grad_(False)
+        if not trainable and name in m.adapters:
+            m.adapters[name].requires_grad_(False)
         if not had_active:
-            m.active = name if name in (m.adapters if isinstance(m, LoraLayer) else m.copies) else None
+            m.active = name if name in m.adapters else None
     return list(spec.layers)
 
 
@@ -460,7 +460,7 @@ def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
         adapter.lora_a.copy_(a.view_as(adapter.lora_a))
         adapter.lora_b.copy_(b)
     for module_name, state in spec.saved.items():
-        model.get_submodule(module_name).copies[name].load_state_dict(state, strict=True)
+        model.get_submodule(module_name).adapters[name].load_state_dict(state, strict=True)
     for module_name, b in spec.biases.items():
         target = model.get_submodule(module_name)
         (target.base if isinstance(target, LoraLayer) else target).bias.copy_(b)
@@ -475,7 +475,7 @@ def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: b
         raise ValueError(f"no adapter {name!r} to swap; adapters: {', '.join(list_adapters(model)) or 'none'}")
     spec = read_adapter(directory)
     current = {n for n, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))
-               and name in (m.adapters if isinstance(m, LoraLayer) else m.copies)}
+               and name in m.adapters}
     incoming = set(spec.layers) | set(spec.saved)
     if incoming != current:
         missing, extra = sorted(current - incoming), sorted(incoming - current)

@@ -105,7 +105,7 @@ def inject(
         apply_plan(model, plan, saved, adapter)
         for module in model.modules():
             if isinstance(module, (LoraLayer, SavedModule)):
-                module.active = adapter if _holds(module, adapter) else None
+                module.active = adapter if adapter in module.adapters else None
         freeze(model, adapter, bias=config.bias)
     return report
 
@@ -128,7 +128,7 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
                                     sum(p.numel() for p in a.parameters()), a.slices))
     for name in saved:
         module = model.get_submodule(name)
-        if isinstance(module, SavedModule) and adapter in module.copies:
+        if isinstance(module, SavedModule) and adapter in module.adapters:
             raise ValueError(f"module {name!r} already has a trainable copy for adapter {adapter!r}")
     return replaced
 
@@ -148,27 +148,21 @@ def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str) -> 
             _set_submodule(model, name, holder)
 
 
-def _holds(module: nn.Module, adapter: str) -> bool:
-    return adapter in (module.adapters if isinstance(module, LoraLayer) else module.copies)
-
-
 def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> None:
     """Make `adapter` trainable (its A and B and its copies of saved modules, found by type) with
     the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
     owned: set[int] = set()  # parameters that belong to some adapter
     for m in model.modules():
-        if isinstance(m, LoraLayer):
+        if isinstance(m, (LoraLayer, SavedModule)):
             owned.update(id(p) for p in m.adapters.parameters())
-        elif isinstance(m, SavedModule):
-            owned.update(id(p) for p in m.copies.parameters())
     for p in model.parameters():
         if id(p) not in owned:
             p.requires_grad_(False)
     frozen_originals = {id(p) for m in model.modules() if isinstance(m, SavedModule) for p in m.original.parameters()}
     adapted = {id(m.base) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters}
     for m in model.modules():
-        if isinstance(m, (LoraLayer, SavedModule)) and _holds(m, adapter):
-            (m.adapters if isinstance(m, LoraLayer) else m.copies)[adapter].requires_grad_(True)
+        if isinstance(m, (LoraLayer, SavedModule)) and adapter in m.adapters:
+            m.adapters[adapter].requires_grad_(True)
         b = getattr(m, "bias", None)
         if not isinstance(b, nn.Parameter) or id(b) in owned or id(b) in frozen_originals:
             continue

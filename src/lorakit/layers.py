@@ -351,30 +351,30 @@ class LoraLayer(nn.Module):
 class SavedModule(nn.Module):
     """A module that trains in full for an adapter (`modules_to_save`, e.g. a new classifier head).
 
-    The original stays frozen and in place for the base model and other adapters; each adapter
-    owns a copy, used while that adapter is active."""
+    The original stays frozen and in place for the base model and other adapters; `adapters` holds
+    each adapter's own copy, used while that adapter is active."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original = original
-        self.copies = nn.ModuleDict()
+        self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
         self.rows: list[str | None] | None = None
         self.train(original.training)
 
     def add(self, name: str) -> nn.Module:
-        if name in self.copies:
+        if name in self.adapters:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        self.copies[name] = copy = deepcopy(self.original)
+        self.adapters[name] = copy = deepcopy(self.original)
         if self.active is None:
             self.active = name
         return copy
 
     def current(self) -> nn.Module:
-        if self.disabled or self.active not in self.copies:
+        if self.disabled or self.active not in self.adapters:
             return self.original
-        return self.copies[self.active]
+        return self.adapters[self.active]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.rows is None or self.disabled:
@@ -382,7 +382,7 @@ class SavedModule(nn.Module):
         if x.shape[0] != len(self.rows):
             raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(self.rows)} adapter names were given")
         y = self.original(x, *args, **kwargs)
-        for name in {n for n in self.rows if n in self.copies}:
+        for name in {n for n in self.rows if n in self.adapters}:
             mask = torch.tensor([n == name for n in self.rows], device=x.device)
-            y = torch.where(mask.view(-1, *[1] * (y.ndim - 1)), self.copies[name](x, *args, **kwargs), y)
+            y = torch.where(mask.view(-1, *[1] * (y.ndim - 1)), self.adapters[name](x, *args, **kwargs), y)
         return y

@@ -71,5 +71,5 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
         _set_submodule(model, name, layer.base)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]:
         chosen = adapter if adapter is not None else module.active
-        _set_submodule(model, name, module.copies[chosen] if chosen in module.copies else module.original)
+        _set_submodule(model, name, module.adapters[chosen] if chosen in module.adapters else module.original)
     return model
