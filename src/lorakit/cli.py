@@ -1,0 +1,250 @@
+"""The `lorakit` command: a thin map from subcommand to a function.
+
+    lorakit train [RECIPE] [--section.key VALUE ...] [--overwrite | --resume]
+    lorakit eval RUN [--split test] [--base]
+    lorakit predict RUN TEXT ... | --file FILE
+    lorakit generate RUN --prompt TEXT
+    lorakit merge RUN --out DIR
+    lorakit inspect [RECIPE] [--section.key VALUE ...]
+
+Bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """overrides: any recipe key as --section.key VALUE, e.g. --lora.r 16 --train.epochs 1
+--lora.targets query,key,value --data.path reviews.csv --data.text_column review --out runs/mine.
+Recipes are TOML or YAML files with the sections model, data, lora, train (see recipes/)."""
+
+
+def _config(recipe: str | None, overrides: list[str]):
+    from .train.config import build_config, load_recipe
+
+    return build_config(load_recipe(recipe) if recipe else {}, overrides)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .train.recipe import train
+
+    train(_config(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def load_run(run: str, with_adapter: bool = True):
+    """The run's config, task data and model, with the run's adapter (or weights) applied."""
+    from .files import load_adapter
+    from .train.config import build_config
+    from .train.recipe import RunError
+    from .train.tasks import prepare
+
+    path = Path(run)
+    if not (path / "config.json").is_file():
+        raise RunError(f"{path} is not a run directory (no config.json); give the --out folder of `lorakit train`")
+    cfg = build_config(json.loads((path / "config.json").read_text()))
+    task = prepare(cfg)
+    if with_adapter:
+        if (path / "adapter").is_dir():
+            load_adapter(task.model, path / "adapter")
+        elif (path / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            task.model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+        else:
+            raise RunError(f"{path} has no adapter/ or model.safetensors; did the run finish?")
+    task.model.eval()
+    return cfg, task
+
+
+def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
+    from .train.tasks import evaluate
+
+    cfg, task = load_run(args.run, with_adapter=not args.base)
+    result = evaluate(task, task.model, args.split, cfg.train.eval_batch_size, cfg.train.bf16)
+    print(json.dumps({"run": args.run, "split": args.split, "adapter": not args.base, **result}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
+    import torch
+
+    from .train import data as D
+    from .train.recipe import RunError
+
+    texts = list(args.texts)
+    if args.file:
+        p = Path(args.file)
+        if not p.is_file():
+            raise D.DataError(f"file not found: {p}")
+        texts += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise D.DataError("no texts to label; give them as arguments or with --file")
+    cfg, task = load_run(args.run)
+    if cfg.task != "classify":
+        raise RunError(f"predict labels texts; this run's task is {cfg.task}")
+    ids = D.tokenize_texts(task.tokenizer, texts, cfg.model.max_length)
+    pad = task.tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        for i in range(0, len(ids), 64):
+            input_ids, mask = D.pad_batch(ids[i:i + 64], pad)
+            probs = task.model(input_ids=input_ids, attention_mask=mask).logits.softmax(-1)
+            for text, p in zip(texts[i:i + 64], probs):
+                k = int(p.argmax())
+                print(f"{task.label_names[k]}\t{p[k]:.3f}\t{text}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
+    import torch
+
+    from .adapters import disable_adapters, enable_adapters
+    from .train.recipe import RunError
+
+    cfg, task = load_run(args.run)
+    if cfg.task != "causal-lm":
+        raise RunError(f"generate needs a causal-lm run; this run's task is {cfg.task}")
+    enc = task.tokenizer(args.prompt, return_tensors="pt")
+    outputs = {}
+    for label in ("without adapter", "with adapter"):
+        (disable_adapters if label == "without adapter" else enable_adapters)(task.model)
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            out = task.model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                      pad_token_id=task.tokenizer.pad_token_id or task.tokenizer.eos_token_id)
+        outputs[label] = task.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"--- {label}:\n{args.prompt}{outputs[label]}\n")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
+    from .merge import merge_and_unload
+    from .train.recipe import RunError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise RunError(f"{out} is not empty; pass --overwrite to write into it")
+    cfg, task = load_run(args.run)
+    model = merge_and_unload(task.model)
+    if cfg.task == "image":
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    else:
+        model.save_pretrained(out)
+        task.tokenizer.save_pretrained(out)
+    print(f"lorakit: wrote the merged model to {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .inject import inject
+    from .layers import kind_of
+    from .train.tasks import default_targets, prepare, task_head
+
+    cfg = _config(args.recipe, overrides)
+    task = prepare(cfg)
+    model = task.model
+    targets = cfg.lora.targets or default_targets(task.arch)
+    targets = "all-linear" if targets == ["all-linear"] else targets
+    head = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, task.arch)
+    report = inject(model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, modules_to_save=head, dry_run=True)
+    chosen = {r.name: r for r in report.replaced}
+    print(f"{type(model).__name__} — ◆ LoRA target, ● trains in full (modules_to_save)")
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        depth = name.count(".")
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        mark = "◆" if name in chosen else "●" if name in head else " "
+        shape = ""
+        if kind_of(module):
+            w = module.weight
+            shape = f" {tuple(w.shape)}"
+        extra = f"  + {chosen[name].params:,} LoRA params" if name in chosen else ""
+        print(f"{mark} {'  ' * depth}{name.rsplit('.', 1)[-1]} ({type(module).__name__}){shape}"
+              f"{f'  {own:,} params' if own else ''}{extra}")
+    print()
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for PyTorch models.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with LoRA (no arguments: sentiment on the packaged MiniLM)",
+                       usage="lorakit train [RECIPE] [--section.key VALUE ...] [--overwrite | --resume]",
+                       description="RECIPE: a TOML or YAML recipe (default: the built-in sentiment job).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    mode.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="metrics of a run's model on a split")
+    p.add_argument("run", help="run directory written by `lorakit train`")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--base", action="store_true", help="evaluate the base model without the adapter")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="label texts with a classification run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("texts", nargs="*", help="texts to label")
+    p.add_argument("--file", help="a file with one text per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generate", help="continue a prompt with and without a causal-LM run's adapter")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="write the run's model with the adapter merged in (HF directory)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="show the module tree and what a target spec would adapt; changes nothing",
+                       usage="lorakit inspect [RECIPE] [--section.key VALUE ...]",
+                       description="RECIPE: a TOML or YAML recipe (default: the built-in sentiment job).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .files import AdapterFileError
+    from .hub import MissingResource
+    from .train.config import ConfigError
+    from .train.data import DataError
+    from .train.recipe import Interrupted, RunError
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("train", "inspect"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("train", "inspect"):
+        args.recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None
+    try:
+        return args.func(args, rest)
+    except Interrupted as e:
+        print(f"lorakit: {e}", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, RunError, AdapterFileError, MissingResource, FileNotFoundError) as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

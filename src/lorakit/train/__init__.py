@@ -1,0 +1,1 @@
+"""Training LoRA adapters from the command line: config, data, tasks, checkpoints."""

@@ -1,0 +1,86 @@
+"""Checkpoints that survive interruption: trainable weights, optimizer, scheduler, RNG and progress.
+
+A checkpoint is a folder written whole under a temporary name and swapped in by renames, so a kill
+at any moment leaves either the previous checkpoint or the new one, never half of each. Tensors go
+to safetensors; progress to JSON. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+NAME = "checkpoint"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def write_atomic_dir(target: Path, write: callable) -> None:
+    """Call write(tmp_dir), then put tmp_dir at `target`, replacing what was there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         progress: dict[str, Any], rng: torch.Tensor) -> None:
+    """progress: JSON-able (epoch, next batch, step, best metric, ...); rng: torch's CPU RNG state."""
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()}
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "trainable.safetensors")
+        save_file(tensors | {"rng": rng}, tmp / "optimizer.safetensors")
+        meta = {"progress": progress, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+                "state_keys": {str(i): sorted(st) for i, st in opt["state"].items()}}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+    write_atomic_dir(run / NAME, write)
+
+
+def find(run: Path) -> Path | None:
+    """The newest complete checkpoint folder (the `.old` one if a swap was interrupted)."""
+    for candidate in (run / NAME, run / (NAME + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def load(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[dict, torch.Tensor]:
+    """Restore everything `save` wrote; return (progress, rng state)."""
+    path = find(run)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {run} to resume from")
+    meta = json.loads((path / "state.json").read_text())
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise ValueError(f"checkpoint in {path} does not match the model: no parameter {missing[0]!r}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    tensors = load_file(path / "optimizer.safetensors")
+    state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["progress"], tensors["rng"]

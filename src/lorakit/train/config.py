@@ -1,0 +1,286 @@
+"""Run configuration: typed dataclasses, loaded from a TOML or YAML recipe, overridden from the CLI.
+
+    lorakit train recipes/sentiment.toml --lora.r 16 --train.epochs 1 --lora.targets query,key,value
+
+Every field has a default, so `RunConfig()` is the default job (sentiment on the packaged MiniLM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..layers import BIASES
+
+Task = Literal["classify", "causal-lm", "image"]
+Method = Literal["lora", "full", "head"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+METHODS: tuple[str, ...] = typing.get_args(Method)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key and the bad value."""
+
+
+@dataclass
+class ModelConfig:
+    """path: a Hugging Face model directory (None: the packaged model for the task — all-MiniLM-L6-v2
+    for classify, SmolLM2-135M for causal-lm, a small ConvNet for image).
+    max_length: tokens kept per text example."""
+
+    path: str | None = None
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_length", "model")
+
+
+@dataclass
+class DataConfig:
+    """path: CSV/TSV/JSONL (classify), a text file (causal-lm), a data folder (image); None: the
+    packaged set (Rotten Tomatoes, Hamlet, Fashion-MNIST). dataset: image format,
+    "fashion-mnist" (IDX) or "cifar10" (python batches). max_train: cap on training examples."""
+
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    block_size: int = 128
+    dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"
+    max_train: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "block_size", "data")
+        _choice(self, "dataset", ("fashion-mnist", "cifar10"), "data")
+        if self.max_train is not None:
+            _positive(self, "max_train", "data")
+
+
+@dataclass
+class LoraSection:
+    """method: "lora" (adapters only), "full" (every weight trains), "head" (only the task head).
+    targets: module-name suffixes, or "all-linear"; None picks per architecture (BERT query,value;
+    Llama q_proj,v_proj; GPT-2 c_attn's q and v slices; ConvNet fc1,fc2,fc3).
+    modules_to_save: modules that train in full (None: the task head, when the task adds one)."""
+
+    method: Method = "lora"
+    targets: list[str] | None = None
+    r: int = 8
+    alpha: float | None = 16.0
+    dropout: float = 0.1
+    rslora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _choice(self, "method", METHODS, "lora")
+        _choice(self, "bias", BIASES, "lora")
+        _positive(self, "r", "lora")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("lora.targets is empty; give module-name suffixes such as query,value or all-linear")
+
+
+@dataclass
+class TrainSection:
+    """AdamW on trainable parameters, warmup then linear or cosine decay, accumulation, clipping.
+    bf16: autocast the forward to bfloat16 (LoRA weights stay fp32). group_by_length: batch texts of
+    similar length together (less padding). checkpoint_every: optimizer steps between checkpoints
+    (one is also written at each epoch's end and on Ctrl-C). max_steps: stop early (smoke tests)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    seed: int = 0
+    group_by_length: bool = True
+    eval_batch_size: int = 128
+    log_every: int = 10
+    checkpoint_every: int = 50
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "checkpoint_every"):
+            _positive(self, name, "train")
+        if self.max_steps is not None:
+            _positive(self, "max_steps", "train")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"train.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        _choice(self, "schedule", ("linear", "cosine", "constant"), "train")
+
+
+@dataclass
+class RunConfig:
+    """One training run. out: the run directory (adapter, config, metrics, plot, checkpoints)."""
+
+    task: Task = "classify"
+    out: str = "runs/sentiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        _choice(self, "task", TASKS, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: object, name: str, section: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{_key(section, name)} must be an integer >= 1, got {value!r}")
+
+
+def _choice(obj: object, name: str, allowed: tuple[str, ...], section: str) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"{_key(section, name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) recipe into a nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(text)
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"recipe {p} must hold a mapping of sections, got {type(data).__name__}")
+            return data
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"recipe {p} is not valid {p.suffix[1:].upper()}: {e}") from None
+    except Exception as e:  # yaml.YAMLError without importing yaml at module level
+        raise ConfigError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raise ConfigError(f"recipe {p} must end in .toml, .yaml or .yml")
+
+
+def build_config(recipe: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """RunConfig from a recipe dict plus `--section.key value` overrides (later wins)."""
+    data: dict[str, Any] = json.loads(json.dumps(recipe or {}))
+    for key, raw in _pairs(overrides or []):
+        *sections, name = key.split(".")
+        node = data
+        for s in sections:
+            node = node.setdefault(s, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {s} is not a section")
+        node[name] = None if raw.lower() in ("none", "null") else raw
+    return _construct(RunConfig, data, "")
+
+
+def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key value")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(overrides):
+            key, value = token[2:], overrides[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"{token} needs a value")
+        pairs.append((key, value))
+    return pairs
+
+
+def _construct(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'} must be a section (a table of keys), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key {_key(prefix, unknown[0])}; {prefix or 'the recipe'} has: "
+                          f"{', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = _key(prefix, name)
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _construct(hint, value, key)
+        else:
+            kwargs[name] = _coerce(hint, value, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'recipe'}: {e}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Convert a recipe or command-line value to the field's declared type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v.strip() if isinstance(v, str) else v, key) for v in items if v != ""]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = hint(value) if not isinstance(value, float) or hint is float else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+        if hint is int and (isinstance(number, float) or (isinstance(value, str) and not value.strip().lstrip("-").isdigit())):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")

@@ -1,0 +1,320 @@
+"""The training recipe, top to bottom: set up, measure before, train with checkpoints, evaluate, save.
+
+    from lorakit.train import RunConfig, train
+    result = train(RunConfig())           # the default job: sentiment on the packaged MiniLM
+
+A run directory holds config.json (the resolved config), metrics.jsonl, the adapter (lora), or
+model.safetensors (full / head), curves.png, and checkpoint/ for --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import inject, summary
+from ..files import save_adapter
+from . import checkpoint
+from .config import ConfigError, RunConfig, build_config
+from .tasks import Prepared, default_targets, evaluate, prepare, task_head
+
+RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "model.safetensors", "best.safetensors", "curves.png",
+             checkpoint.NAME, checkpoint.NAME + ".old")
+
+
+class RunError(RuntimeError):
+    """The run cannot start or had to stop; the message says why and what to do."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path]:
+    """Refuse to clobber an earlier run; on resume, continue with the run's own saved config."""
+    run = Path(cfg.out)
+    existing = run.is_dir() and any((run / f).exists() for f in RUN_FILES)
+    if resume:
+        if checkpoint.find(run) is None:
+            raise RunError(f"nothing to resume in {run}: no checkpoint there")
+        saved = json.loads((run / "config.json").read_text())
+        return build_config(saved), run
+    if existing and not overwrite:
+        raise RunError(f"{run} already holds a run; pass --overwrite to replace it or --resume to continue it")
+    if existing:
+        for f in RUN_FILES:
+            p = run / f
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return cfg, run
+
+
+def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
+    """Make the right parameters trainable: LoRA adapters (+ head), everything, or the head only."""
+    model, arch = task.model, task.arch
+    head = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, arch)
+    if cfg.lora.method == "lora":
+        targets = cfg.lora.targets or default_targets(arch)
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        try:
+            report = inject(model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                            rslora=cfg.lora.rslora, bias=cfg.lora.bias, modules_to_save=head)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"lora.targets: {e}") from None
+        print_fn(report)
+    elif cfg.lora.method == "full":
+        model.requires_grad_(True)
+    else:
+        if not head:
+            raise ConfigError(f"lora.method = head needs lora.modules_to_save for architecture {arch!r}")
+        model.requires_grad_(False)
+        for name in head:
+            model.get_submodule(name).requires_grad_(True)
+    summary(model, print_fn=lambda table: print_fn("\n".join(
+        line for line in table.splitlines()[1:] if line.endswith("trainable") or line.startswith("trainable params"))))
+
+
+def _schedule(cfg: RunConfig, total: int):
+    warm = int(cfg.train.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        return max(0.0, 1 - progress) if cfg.train.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _Metrics:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _show_examples(task: Prepared, model: nn.Module, when: str, print_fn, n: int = 5) -> None:
+    if task.tokenizer is None or not task.label_names or "test" not in task.texts:
+        return
+    texts = task.texts["test"][:n]
+    batch = task.splits["test"].collate(list(range(len(texts))))
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = task.forward(model, batch)[1].argmax(-1).tolist()
+    model.train(was)
+    print_fn(f"examples {when}:")
+    for text, p, y in zip(texts, pred, batch.labels.tolist()):
+        mark = "✓" if p == y else "✗"
+        print_fn(f"  {mark} {task.label_names[p]:<10} {text[:90]}")
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_fn=print,
+          progress_bar: bool | None = None) -> dict[str, Any]:
+    """Run one training job; return the final metrics. Ctrl-C or SIGTERM saves a checkpoint first."""
+    cfg, run = prepare_run_dir(cfg, resume, overwrite)
+    torch.manual_seed(cfg.train.seed)
+    task = prepare(cfg)
+    model = task.model
+    apply_method(cfg, task, print_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RunError("no trainable parameters; check lora.method and lora.targets")
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    train_split = task.splits["train"]
+    n_batches = len(train_split.batches(cfg.train.batch_size, 0, True))
+    steps_per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    run.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(run / "metrics.jsonl")
+    key = task.metric
+    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+    evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size, cfg.train.bf16)  # noqa: E731
+
+    if resume:
+        progress, rng = checkpoint.load(run, model, optimizer, scheduler)
+        torch.set_rng_state(rng)
+        print_fn(f"resuming {run} at epoch {progress['epoch'] + 1}, step {progress['step']}")
+    else:
+        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        before = evaluate_split("test")
+        metrics.write(event="test_before", **before)
+        print_fn(f"test {key} before training: {before[key]:.4f}")
+        _show_examples(task, model, "before training", print_fn)
+        progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "test_before": before}
+        rng = torch.get_rng_state()
+
+    stop = {"signal": None}
+
+    def on_term(signum, frame):  # SIGTERM: stop at the next batch, like Ctrl-C
+        stop["signal"] = signum
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    model.train()
+    try:
+        _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
+              better, key, evaluate_split)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {progress['step']}; checkpoint saved — continue with "
+                       f"`lorakit train --resume --out {run}`") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    best_path = run / "best.safetensors"
+    if best_path.exists():
+        from safetensors.torch import load_file
+
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in load_file(best_path).items():
+                named[n].copy_(t)
+    after = evaluate_split("test")
+    metrics.write(event="test_after", **after)
+    _show_examples(task, model, "after training", print_fn)
+    if cfg.lora.method == "lora":
+        save_adapter(model, run / "adapter", overwrite=True, print_fn=print_fn)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  run / "model.safetensors")
+    plot(metrics.read(), run / "curves.png", key)
+    before = progress["test_before"]
+    print_fn(f"test {key}: {before[key]:.4f} before → {after[key]:.4f} after")
+    print_fn(f"run directory: {run} (config.json, metrics.jsonl, "
+             f"{'adapter/' if cfg.lora.method == 'lora' else 'model.safetensors'}, curves.png)")
+    return {"before": before, "after": after, "best_val": progress["best"], "steps": progress["step"], "run": str(run)}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
+          better, key, evaluate_split) -> None:
+    from tqdm.auto import tqdm
+
+    split = task.splits["train"]
+    accum = cfg.train.grad_accum
+    show = sys.stderr.isatty() if progress_bar is None else progress_bar
+    rng_at_boundary = torch.get_rng_state()
+    for epoch in range(progress["epoch"], cfg.train.epochs):
+        batches = split.batches(cfg.train.batch_size, epoch, True)
+        bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not show, unit="batch", dynamic_ncols=True)
+        start, seen = time.perf_counter(), 0
+        b = progress["batch"]
+        while b < len(batches):
+            group = batches[b:b + accum]
+            try:
+                loss_sum = 0.0
+                for index in group:
+                    batch = split.collate(index)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+                        loss, _ = task.forward(model, batch)
+                    if not torch.isfinite(loss):
+                        raise RunError(f"loss became {loss.item()} at step {progress['step'] + 1} (epoch {epoch + 1}); "
+                                       f"stopped — the last good checkpoint is in {run / checkpoint.NAME}; "
+                                       f"try a lower train.lr")
+                    (loss / len(group)).backward()
+                    loss_sum += loss.item() / len(group)
+                    seen += batch.size
+                if cfg.train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            except KeyboardInterrupt:
+                optimizer.zero_grad(set_to_none=True)
+                checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
+                bar.close()
+                raise
+            b += len(group)
+            progress.update(batch=b, step=progress["step"] + 1)
+            rng_at_boundary = torch.get_rng_state()
+            rate = seen / (time.perf_counter() - start)
+            bar.update(len(group))
+            bar.set_postfix(loss=f"{loss_sum:.4f}", ex_s=f"{rate:.0f}")
+            if progress["step"] % cfg.train.log_every == 0:
+                lr = scheduler.get_last_lr()[0]
+                metrics.write(event="train", epoch=epoch + 1, step=progress["step"], loss=loss_sum, lr=lr,
+                              examples_per_s=rate)
+                if not show:
+                    print_fn(f"  epoch {epoch + 1} step {progress['step']:>5}  loss {loss_sum:.4f}  "
+                             f"lr {lr:.2e}  {rate:,.0f} examples/s")
+            if progress["step"] % cfg.train.checkpoint_every == 0:
+                checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
+            if stop["signal"] is not None:
+                checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
+                bar.close()
+                raise KeyboardInterrupt
+            if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
+                break
+        bar.close()
+        val = evaluate_split("val")
+        metrics.write(event="val", epoch=epoch + 1, step=progress["step"], **val)
+        improved = progress["best"] is None or better(val[key], progress["best"])
+        print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else ""))
+        if improved:
+            progress["best"] = val[key]
+            _save_best(run, model)
+        progress.update(epoch=epoch + 1, batch=0)
+        checkpoint.save(run, model, optimizer, scheduler, progress, torch.get_rng_state())
+        if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
+            break
+
+
+def _save_best(run: Path, model: nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    tmp = run / ".best.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in checkpoint.trainable_state(model).items()}, tmp)
+    tmp.replace(run / "best.safetensors")
+
+
+def plot(records: list[dict], path: Path, key: str) -> None:
+    """Training loss and validation metric against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("event") == "train"]
+    val = [r for r in records if r.get("event") == "val"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
+    ax1.set(xlabel="step", ylabel="training loss", title="loss")
+    ax2.plot([r["step"] for r in val], [r[key] for r in val], "o-", color="tab:green", label="validation")
+    for r in records:
+        if r.get("event") in ("test_before", "test_after"):
+            x = 0 if r["event"] == "test_before" else (val[-1]["step"] if val else 0)
+            ax2.scatter([x], [r[key]], marker="*", s=120, color="tab:red", zorder=3)
+    ax2.set(xlabel="step", ylabel=key, title=f"{key} (★ test before / after)")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

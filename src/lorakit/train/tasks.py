@@ -1,0 +1,236 @@
+"""The three tasks the trainer knows: what model, what data, how to batch, what loss, what metric.
+
+`prepare(cfg)` returns a `Prepared` task; the training loop only calls its `forward` and splits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import hub
+from ..models import ConvNet
+from . import data as D
+from .config import ConfigError, RunConfig
+
+# Per architecture (config.model_type): LoRA targets and the head a new task trains in full.
+DEFAULT_TARGETS: dict[str, list | dict] = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gpt2": [{"c_attn": ("q", "v")}], "convnet": ["fc1", "fc2", "fc3"],
+}
+HEADS: dict[str, list[str]] = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["classifier"],
+                               "llama": ["score"], "mistral": ["score"], "qwen2": ["score"], "gpt2": ["score"]}
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    size: int  # examples (sequences or images)
+
+
+@dataclass
+class Split:
+    """One split: `size` examples, batched by `batches`, turned into tensors by `collate`."""
+
+    size: int
+    batches: Callable[[int, int, bool], list[list[int]]]  # (batch_size, epoch, shuffle) → index lists
+    collate: Callable[[list[int]], Batch]
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    splits: dict[str, Split]
+    arch: str
+    metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
+    tokenizer: Any = None
+    label_names: list[str] = field(default_factory=list)
+    texts: dict[str, list[str]] = field(default_factory=dict)  # for showing examples
+
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(mean loss, logits) of a batch."""
+        if self.arch == "convnet":
+            logits = model(batch.inputs["pixels"])
+            return F.cross_entropy(logits, batch.labels), logits
+        out = model(**batch.inputs, labels=batch.labels)
+        return out.loss, out.logits
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+
+def task_head(cfg: RunConfig, arch: str) -> list[str]:
+    """The freshly initialised head a classification task adds, which must train in full."""
+    return HEADS.get(arch, []) if cfg.task == "classify" else []
+
+
+def default_targets(arch: str) -> list:
+    if arch not in DEFAULT_TARGETS:
+        raise ConfigError(f"no default LoRA targets for architecture {arch!r}; set lora.targets "
+                          f"(known: {', '.join(sorted(DEFAULT_TARGETS))})")
+    return list(DEFAULT_TARGETS[arch])
+
+
+def _hf_dir(path: str | None, packaged: Callable[[], Path]) -> Path:
+    if path is None:
+        return packaged()
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model.path {p} is not a Hugging Face model directory (no config.json)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ConfigError(f"model directory {p} holds no weights (*.safetensors)")
+    return p
+
+
+def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
+    """Build the model and the train/val/test splits for `cfg.task`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.task == "classify":
+        return _classify(cfg, with_model)
+    if cfg.task == "causal-lm":
+        return _causal(cfg, with_model)
+    return _image(cfg)
+
+
+def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    examples, names = D.load_text_classification(cfg.data.path, cfg.data.text_column, cfg.data.label_column)
+    train, val, test = D.split_by_hash(examples, key=lambda e: e.text)
+    if cfg.data.max_train:
+        train = train[:cfg.data.max_train]
+    for split_name, items in (("train", train), ("validation", val), ("test", test)):
+        if not items:
+            raise D.DataError(f"the {split_name} split is empty ({len(examples)} examples in all); "
+                              f"give more data")
+    path = _hf_dir(cfg.model.path, hub.minilm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = None
+    arch = AutoConfig.from_pretrained(path).model_type
+    if with_model:
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
+        if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def split(items: list[D.TextExample]) -> Split:
+        ids = D.tokenize_texts(tokenizer, [e.text for e in items], cfg.model.max_length)
+        labels = torch.tensor([e.label for e in items])
+        lengths = [len(x) for x in ids]
+
+        def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
+            if shuffle and not cfg.train.group_by_length:
+                return D.shuffled_batches(len(ids), batch_size, cfg.train.seed, epoch)
+            return D.length_grouped_batches(lengths, batch_size, cfg.train.seed, epoch, shuffle=shuffle)
+
+        def collate(index: list[int]) -> Batch:
+            input_ids, mask = D.pad_batch([ids[i] for i in index], pad)
+            return Batch({"input_ids": input_ids, "attention_mask": mask}, labels[index], len(index))
+
+        return Split(len(items), batches, collate)
+
+    texts = {"train": [e.text for e in train], "val": [e.text for e in val], "test": [e.text for e in test]}
+    return Prepared(model, {"train": split(train), "val": split(val), "test": split(test)}, arch, "accuracy",
+                    tokenizer, names, texts)
+
+
+def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = _hf_dir(cfg.model.path, hub.smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = D.load_text_file(cfg.data.path or hub.hamlet_path())
+    blocks = D.causal_blocks(tokenizer(text)["input_ids"], cfg.data.block_size)
+    train, val, test = D.split_blocks(blocks)
+    if cfg.data.max_train:
+        train = train[:cfg.data.max_train]
+    model = None
+    if with_model:
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_pretrained(path)
+
+    def split(x: Tensor) -> Split:
+        def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
+            return D.shuffled_batches(len(x), batch_size, cfg.train.seed, epoch, shuffle)
+
+        def collate(index: list[int]) -> Batch:
+            ids = x[index]
+            return Batch({"input_ids": ids}, ids, len(index))
+
+        return Split(len(x), batches, collate)
+
+    arch = AutoConfig.from_pretrained(path).model_type
+    return Prepared(model, {"train": split(train), "val": split(val), "test": split(test)}, arch, "perplexity",
+                    tokenizer)
+
+
+def _image(cfg: RunConfig) -> Prepared:
+    if cfg.data.dataset == "cifar10" and not cfg.data.path:
+        raise ConfigError("data.dataset = cifar10 needs data.path: the folder holding data_batch_1..5 and test_batch")
+    images = (D.load_fashion_mnist(cfg.data.path or D.FASHION_MNIST_DIR) if cfg.data.dataset == "fashion-mnist"
+              else D.load_cifar10(cfg.data.path))
+    # Hold out the last tenth of the training images for validation; the test set stays the test set.
+    n_val = len(images.train_x) // 10
+    parts = {"train": (images.train_x[:-n_val], images.train_y[:-n_val]),
+             "val": (images.train_x[-n_val:], images.train_y[-n_val:]),
+             "test": (images.test_x, images.test_y)}
+    if cfg.data.max_train:
+        parts["train"] = tuple(t[:cfg.data.max_train] for t in parts["train"])
+    torch.manual_seed(cfg.train.seed)
+    model = ConvNet(in_channels=images.train_x.shape[1], classes=len(images.classes))
+    if cfg.model.path:
+        from safetensors.torch import load_file
+
+        state_path = Path(cfg.model.path)
+        if not state_path.is_file():
+            raise ConfigError(f"model.path {state_path} not found (for the image task: a ConvNet .safetensors)")
+        model.load_state_dict(load_file(state_path))
+
+    def split(x: Tensor, y: Tensor) -> Split:
+        def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
+            return D.shuffled_batches(len(x), batch_size, cfg.train.seed, epoch, shuffle)
+
+        return Split(len(x), batches, lambda index: Batch({"pixels": x[index]}, y[index], len(index)))
+
+    return Prepared(model, {k: split(*v) for k, v in parts.items()}, "convnet", "accuracy",
+                    label_names=list(images.classes))
+
+
+@torch.no_grad()
+def evaluate(task: Prepared, model: nn.Module, split: str, batch_size: int, bf16: bool = False) -> dict[str, float]:
+    """Mean loss and the task metric (accuracy or perplexity) on a split."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    s = task.splits[split]
+    for index in s.batches(batch_size, 0, False):
+        batch = s.collate(index)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, logits = task.forward(model, batch)
+        total_loss += loss.float().item() * batch.size
+        count += batch.size
+        if task.metric == "accuracy":
+            correct += (logits.argmax(-1) == batch.labels).sum().item()
+    model.train(was_training)
+    mean = total_loss / max(count, 1)
+    if task.metric == "accuracy":
+        return {"loss": mean, "accuracy": correct / max(count, 1)}
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}

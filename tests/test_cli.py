@@ -1,0 +1,230 @@
+"""The `lorakit` command end to end on tiny inputs: every subcommand, resume, and each bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lorakit import cli
+from lorakit.train import tasks
+
+WORDS = {"good": "a wonderful moving film, I loved every minute",
+         "bad": "a dull tedious mess, I hated every minute",
+         "meh": "an average film, some parts fine and some parts not"}
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """A 3-class CSV of 96 short reviews."""
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "verdict"])
+        for i in range(96):
+            label = list(WORDS)[i % 3]
+            w.writerow([f"{WORDS[label]} (number {i})", label])
+    return path
+
+
+def tiny_args(data, out, *extra):
+    return ["train", "--data.path", str(data), "--data.text_column", "review", "--data.label_column", "verdict",
+            "--model.max_length", "16", "--train.batch_size", "8", "--train.eval_batch_size", "32",
+            "--train.epochs", "2", "--train.checkpoint_every", "2", "--train.log_every", "1", "--lora.r", "4",
+            "--out", str(out), *extra]
+
+
+def run_cli(args, capsys):
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_writes_a_complete_run(reviews, tmp_path, capsys):
+    code, out, err = run_cli(tiny_args(reviews, tmp_path / "run"), capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert {"config.json", "metrics.jsonl", "adapter", "curves.png"} <= {p.name for p in run.iterdir()}
+    assert "replaced 12 modules with LoRA adapter" in out and "trainable params:" in out
+    assert "test accuracy before training" in out and "examples after training" in out
+    events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[0] == "test_before" and events[-1] == "test_after" and events.count("val") == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["lora"]["r"] == 4 and config["data"]["text_column"] == "review"
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_predict_merge_inspect(reviews, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(tiny_args(reviews, run), capsys)[0] == 0
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+
+    code, out, _ = run_cli(["eval", str(run)], capsys)
+    assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(final["accuracy"])
+    code, out, _ = run_cli(["eval", str(run), "--base", "--split", "val"], capsys)
+    assert code == 0 and json.loads(out)["adapter"] is False
+
+    code, out, _ = run_cli(["predict", str(run), "a wonderful moving film", "a dull tedious mess"], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and all(line.split("\t")[0] in WORDS for line in lines)
+
+    code, out, _ = run_cli(["merge", str(run), "--out", str(tmp_path / "merged")], capsys)
+    assert code == 0
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    cfg, task = cli.load_run(str(run))
+    batch = task.splits["test"].collate(list(range(4)))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch.inputs).logits, task.model(**batch.inputs).logits, atol=1e-5, rtol=0)
+
+    code, out, _ = run_cli(["inspect", "--data.path", str(reviews), "--data.text_column", "review",
+                            "--data.label_column", "verdict"], capsys)
+    marked = [line for line in out.splitlines() if line.startswith("◆")]
+    assert code == 0 and len(marked) == 12 and "● " in out and "would replace 12 modules" in out
+
+
+def test_resume_after_interrupt_gives_the_same_result(reviews, tmp_path, capsys, monkeypatch):
+    assert run_cli(tiny_args(reviews, tmp_path / "whole"), capsys)[0] == 0
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+
+    calls = {"n": 0}
+    forward = tasks.Prepared.forward
+
+    def interrupting(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 9:  # mid-epoch 1 (12 batches an epoch), after the step-8 checkpoint... and one more
+                raise KeyboardInterrupt
+        return forward(self, model, batch)
+
+    monkeypatch.setattr(tasks.Prepared, "forward", interrupting)
+    code, _, err = run_cli(tiny_args(reviews, tmp_path / "cut"), capsys)
+    assert code == 130 and "interrupted at step 8; checkpoint saved" in err and "--resume" in err
+    monkeypatch.setattr(tasks.Prepared, "forward", forward)
+    code, out, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
+    assert code == 0, err
+    assert "resuming" in out
+    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "examples_per_s"} for x in lines]  # noqa: E731
+    assert strip(cut) == strip(whole)
+
+
+def test_sigint_from_outside_checkpoints_and_resumes(reviews, tmp_path):
+    out = tmp_path / "sig"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "lorakit", *tiny_args(reviews, out, "--train.epochs", "30", "--train.checkpoint_every", "1")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and sum('"train"' in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    assert (out / "checkpoint" / "state.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.path", "/no/such/file.csv"], "data file not found: /no/such/file.csv"),
+    (["--data.text_column", "body"], "'body'"),
+    (["--lora.r", "0"], "lora.r must be an integer >= 1, got 0"),
+    (["--lora.targets", "qeury"], "target 'qeury' matches no module"),
+    (["--model.path", "EMPTY_MODEL_DIR"], "holds no weights"),
+    (["--train.epochs", "two"], "train.epochs must be an integer, got 'two'"),
+    (["--lora.nonsense", "1"], "unknown key lora.nonsense"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(reviews, tmp_path, capsys, extra, message):
+    if "EMPTY_MODEL_DIR" in extra:
+        empty = tmp_path / "model"
+        empty.mkdir()
+        (empty / "config.json").write_text("{}")
+        extra = [str(empty) if e == "EMPTY_MODEL_DIR" else e for e in extra]
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(tiny_args(reviews, out_dir) + extra, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("lorakit: error: ") and message in err
+    assert "Traceback" not in err
+    assert not out_dir.exists()
+
+
+def test_bad_data_files(tmp_path, capsys):
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("review,verdict\n" + "".join(f"nice {i},good\n" for i in range(20)))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("review,verdict\n")
+    for path, message in ((one_class, "has one class"), (empty, "empty")):
+        code, _, err = run_cli(tiny_args(path, tmp_path / "out"), capsys)
+        assert code == 2 and message in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
+
+
+def test_existing_run_is_refused_without_overwrite(reviews, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    code, _, err = run_cli(tiny_args(reviews, run), capsys)
+    assert code == 2 and "already holds a run; pass --overwrite" in err
+    assert (run / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "generate", "merge", "inspect"])
+def test_help(command):
+    result = subprocess.run([sys.executable, "-m", "lorakit", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and f"lorakit {command}" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer random Llama with SmolLM2's tokenizer, as a Hugging Face directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
+    return path
+
+
+def test_causal_lm_lowers_perplexity_and_generates(tiny_llama_dir, tmp_path, capsys):
+    run = tmp_path / "lm"
+    code, out, err = run_cli(["train", "recipes/causal-lm.toml", "--model.path", str(tiny_llama_dir),
+                              "--data.block_size", "32", "--data.max_train", "96", "--train.batch_size", "8",
+                              "--train.lr", "1e-2", "--train.epochs", "2", "--lora.r", "4", "--out", str(run)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, after = records[0]["perplexity"], records[-1]["perplexity"]
+    assert after < before
+    code, out, _ = run_cli(["generate", str(run), "--prompt", "To be, or not", "--max-new-tokens", "5"], capsys)
+    assert code == 0 and "--- without adapter:" in out and "--- with adapter:" in out
+
+
+def test_image_recipe_trains_and_lora_adapts_it(tmp_path, capsys):
+    pytest.importorskip("numpy")
+    from lorakit.train.data import FASHION_MNIST_DIR
+
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    base = tmp_path / "image"
+    code, out, err = run_cli(["train", "recipes/image.toml", "--data.max_train", "3000", "--train.epochs", "1",
+                              "--out", str(base)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["accuracy"] > 0.5 > records[0]["accuracy"]
+    lora = tmp_path / "image-lora"
+    code, out, err = run_cli(["train", "recipes/image-lora.toml", "--model.path", str(base / "model.safetensors"),
+                              "--data.max_train", "2000", "--out", str(lora)], capsys)
+    assert code == 0, err
+    assert "replaced 3 modules" in out and "trainable params: 3,272" in out
+    code, out, _ = run_cli(["eval", str(lora)], capsys)
+    assert code == 0 and json.loads(out)["accuracy"] > 0.5
