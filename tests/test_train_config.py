@@ -34,6 +34,7 @@ def test_overrides_are_typed_and_win():
     (["--train.bf16", "maybe"], "train.bf16 must be true or false, got 'maybe'"),
     (["--train.schedule", "step"], "train.schedule must be one of linear, cosine, constant; got 'step'"),
     (["--trian.lr", "1"], "unknown key trian; the recipe has:"),
+    (["--train.device", "tpu"], "train.device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     (["--train.lr"], "--train.lr needs a value"),
     (["stray"], "unexpected argument 'stray'"),
 ])

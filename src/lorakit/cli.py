@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     from .train.tasks import evaluate
 
     cfg, task = load_run(args.run, with_adapter=not args.base)
-    result = evaluate(task, task.model, args.split, cfg.train.eval_batch_size, cfg.train.bf16)
+    result = evaluate(task, task.model, args.split, cfg.train.eval_batch_size)
     print(json.dumps({"run": args.run, "split": args.split, "adapter": not args.base, **result}))
     return 0
 
@@ -91,7 +91,8 @@ def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
     with torch.no_grad():
         for i in range(0, len(ids), 64):
             input_ids, mask = D.pad_batch(ids[i:i + 64], pad)
-            probs = task.model(input_ids=input_ids, attention_mask=mask).logits.softmax(-1)
+            probs = task.model(input_ids=input_ids.to(task.device),
+                               attention_mask=mask.to(task.device)).logits.float().softmax(-1).cpu()
             for text, p in zip(texts[i:i + 64], probs):
                 k = int(p.argmax())
                 print(f"{task.label_names[k]}\t{p[k]:.3f}\t{text}")
@@ -107,7 +108,7 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
     cfg, task = load_run(args.run)
     if cfg.task != "causal-lm":
         raise RunError(f"generate needs a causal-lm run; this run's task is {cfg.task}")
-    enc = task.tokenizer(args.prompt, return_tensors="pt")
+    enc = task.tokenizer(args.prompt, return_tensors="pt").to(task.device)
     outputs = {}
     for label in ("without adapter", "with adapter"):
         (disable_adapters if label == "without adapter" else enable_adapters)(task.model)

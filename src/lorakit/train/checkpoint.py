@@ -47,9 +47,12 @@ def save(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     opt = optimizer.state_dict()
     tensors = {f"{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()}
 
+    if torch.cuda.is_available():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+
     def write(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "trainable.safetensors")
-        save_file(tensors | {"rng": rng}, tmp / "optimizer.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()}, tmp / "trainable.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in (tensors | {"rng": rng}).items()}, tmp / "optimizer.safetensors")
         meta = {"progress": progress, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
                 "state_keys": {str(i): sorted(st) for i, st in opt["state"].items()}}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -83,4 +86,6 @@ def load(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda_rng"])
     return meta["progress"], tensors["rng"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -92,7 +93,8 @@ class LoraSection:
 @dataclass
 class TrainSection:
     """AdamW on trainable parameters, warmup then linear or cosine decay, accumulation, clipping.
-    bf16: autocast the forward to bfloat16 (LoRA weights stay fp32). group_by_length: batch texts of
+    bf16: autocast the forward to bfloat16 (LoRA weights stay fp32). device: "auto" (CUDA when
+    available, else CPU), "cpu", "cuda" or "cuda:N". group_by_length: batch texts of
     similar length together (less padding). checkpoint_every: optimizer steps between checkpoints
     (one is also written at each epoch's end and on Ctrl-C). max_steps: stop early (smoke tests)."""
 
@@ -105,6 +107,7 @@ class TrainSection:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     bf16: bool = False
+    device: str = "auto"
     seed: int = 0
     group_by_length: bool = True
     eval_batch_size: int = 128
@@ -122,6 +125,8 @@ class TrainSection:
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"train.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
         _choice(self, "schedule", ("linear", "cosine", "constant"), "train")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
 
 @dataclass

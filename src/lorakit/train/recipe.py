@@ -148,7 +148,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
     metrics = _Metrics(run / "metrics.jsonl")
     key = task.metric
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-    evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size, cfg.train.bf16)  # noqa: E731
+    evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size)  # noqa: E731
 
     if resume:
         progress, rng = checkpoint.load(run, model, optimizer, scheduler)
@@ -232,8 +232,7 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                 loss_sum = 0.0
                 for index in group:
                     batch = split.collate(index)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                        loss, _ = task.forward(model, batch)
+                    loss, _ = task.forward(model, batch)
                     if not torch.isfinite(loss):
                         raise RunError(f"loss became {loss.item()} at step {progress['step'] + 1} (epoch {epoch + 1}); "
                                        f"stopped — the last good checkpoint is in {run / checkpoint.NAME}; "
@@ -262,8 +261,9 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                 metrics.write(event="train", epoch=epoch + 1, step=progress["step"], loss=loss_sum, lr=lr,
                               examples_per_s=rate)
                 if not show:
+                    eta = (len(batches) - b) * cfg.train.batch_size / max(rate, 1e-9)
                     print_fn(f"  epoch {epoch + 1} step {progress['step']:>5}  loss {loss_sum:.4f}  "
-                             f"lr {lr:.2e}  {rate:,.0f} examples/s")
+                             f"lr {lr:.2e}  {rate:,.0f} examples/s  epoch eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if progress["step"] % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
             if stop["signal"] is not None:

@@ -37,6 +37,9 @@ class Batch:
     labels: Tensor
     size: int  # examples (sequences or images)
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.size)
+
 
 @dataclass
 class Split:
@@ -56,14 +59,18 @@ class Prepared:
     tokenizer: Any = None
     label_names: list[str] = field(default_factory=list)
     texts: dict[str, list[str]] = field(default_factory=dict)  # for showing examples
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(mean loss, logits) of a batch."""
-        if self.arch == "convnet":
-            logits = model(batch.inputs["pixels"])
-            return F.cross_entropy(logits, batch.labels), logits
-        out = model(**batch.inputs, labels=batch.labels)
-        return out.loss, out.logits
+        """(mean loss, logits) of a batch, on the task's device, under bf16 autocast if asked."""
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.arch == "convnet":
+                logits = model(batch.inputs["pixels"])
+                return F.cross_entropy(logits, batch.labels), logits
+            out = model(**batch.inputs, labels=batch.labels)
+            return out.loss, out.logits
 
     @property
     def higher_is_better(self) -> bool:
@@ -93,14 +100,24 @@ def _hf_dir(path: str | None, packaged: Callable[[], Path]) -> Path:
     return p
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name} but this torch sees no CUDA device; use cpu or auto")
+    return torch.device(name)
+
+
 def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
-    """Build the model and the train/val/test splits for `cfg.task`."""
+    """Build the model (on `train.device`) and the train/val/test splits for `cfg.task`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if cfg.task == "classify":
-        return _classify(cfg, with_model)
-    if cfg.task == "causal-lm":
-        return _causal(cfg, with_model)
-    return _image(cfg)
+    device = resolve_device(cfg.train.device)
+    build = {"classify": _classify, "causal-lm": _causal}.get(cfg.task)
+    task = build(cfg, with_model) if build else _image(cfg)
+    task.device, task.bf16 = device, cfg.train.bf16
+    if task.model is not None:
+        task.model.to(device)
+    return task
 
 
 def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
@@ -215,7 +232,7 @@ def _image(cfg: RunConfig) -> Prepared:
 
 
 @torch.no_grad()
-def evaluate(task: Prepared, model: nn.Module, split: str, batch_size: int, bf16: bool = False) -> dict[str, float]:
+def evaluate(task: Prepared, model: nn.Module, split: str, batch_size: int) -> dict[str, float]:
     """Mean loss and the task metric (accuracy or perplexity) on a split."""
     was_training = model.training
     model.eval()
@@ -223,12 +240,11 @@ def evaluate(task: Prepared, model: nn.Module, split: str, batch_size: int, bf16
     s = task.splits[split]
     for index in s.batches(batch_size, 0, False):
         batch = s.collate(index)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, logits = task.forward(model, batch)
+        loss, logits = task.forward(model, batch)
         total_loss += loss.float().item() * batch.size
         count += batch.size
         if task.metric == "accuracy":
-            correct += (logits.argmax(-1) == batch.labels).sum().item()
+            correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
     model.train(was_training)
     mean = total_loss / max(count, 1)
     if task.metric == "accuracy":

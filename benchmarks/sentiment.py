@@ -1,0 +1,342 @@
+"""Three ways to fine-tune the packaged all-MiniLM-L6-v2 for Rotten Tomatoes sentiment, on one split and budget.
+
+    python -m benchmarks.sentiment            # ~30 min on 2 CPU cores; rewrites its section of benchmarks/results.md
+    python -m benchmarks.sentiment --quick    # smoke test (256 examples, 1 epoch, ~2 min); writes to a temp dir
+
+1. lorakit LoRA: the default `RunConfig()` — LoRA on query,value, the classifier trained in full.
+2. lorakit full fine-tuning: the same run with `lora.method = "full"` and lr 5e-5.
+3. Hugging Face PEFT + `transformers.Trainer`, with the hyperparameters of (1) read from the same RunConfig,
+   on exactly the texts and labels of lorakit's train/validation/test split.
+
+Wall-clock is the whole job, as `lorakit train` does it: load tokenizer and model, tokenize, test before,
+train with per-epoch validation and checkpoints, restore the best-validation weights, test after, save.
+The numbers go to a section of results.md and, raw, to sentiment.json beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit import hub, summary  # noqa: E402
+from lorakit.files import WEIGHTS_NAME  # noqa: E402
+from lorakit.train.config import RunConfig, build_config  # noqa: E402
+from lorakit.train.recipe import apply_method, train  # noqa: E402
+from lorakit.train.tasks import default_targets, prepare  # noqa: E402
+
+TITLE = "## Sentiment: LoRA vs full fine-tuning vs PEFT + Trainer"
+RESULTS = Path(__file__).resolve().parent / "results.md"
+FULL_LR = 5e-5  # the usual BERT fine-tuning rate; full fine-tuning at LoRA's 1e-3 diverges
+QUICK = ["--data.max_train", "256", "--train.epochs", "1"]
+SPLITS = ("train", "val", "test")
+
+
+def silent(*args: Any) -> None:
+    pass
+
+
+def tagged(tag: str):
+    return lambda *args: print(f"[{tag}]", *args, flush=True)
+
+
+# ---------------------------------------------------------------- the three runs
+
+
+def run_lorakit(name: str, cfg: RunConfig, work: Path) -> dict[str, Any]:
+    """One `lorakit.train.train` job into work/<name>; its test accuracy, time and file."""
+    cfg.out = str(work / name)
+    counted = prepare(cfg)  # a throwaway copy, only to count what apply_method makes trainable
+    apply_method(cfg, counted, print_fn=silent)
+    trainable = summary(counted.model, print_fn=silent).trainable
+    del counted
+
+    start = time.perf_counter()
+    result = train(cfg, overwrite=True, print_fn=tagged(name), progress_bar=False)
+    seconds = time.perf_counter() - start
+
+    run = Path(result["run"])
+    weights = run / "adapter" / WEIGHTS_NAME if cfg.lora.method == "lora" else run / "model.safetensors"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"method": name, "trainable_params": trainable, "lr": cfg.train.lr,
+            "test_before": result["before"]["accuracy"], "test_after": result["after"]["accuracy"],
+            "val_by_epoch": [r["accuracy"] for r in records if r.get("event") == "val"],
+            "steps": result["steps"], "seconds": seconds, "file": weights.name, "file_bytes": weights.stat().st_size}
+
+
+def lorakit_split(cfg: RunConfig) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
+    """lorakit's own train/val/test texts and labels (after data.max_train), for the PEFT run."""
+    task = prepare(cfg, with_model=False)
+    data = {}
+    for s in SPLITS:
+        split = task.splits[s]
+        data[s] = (task.texts[s], split.collate(list(range(split.size))).labels.tolist())
+    return data, task.label_names
+
+
+def run_peft(cfg: RunConfig, data: dict[str, tuple[list[str], list[int]]], label_names: list[str],
+             work: Path) -> dict[str, Any]:
+    """PEFT LoRA + transformers.Trainer with cfg's hyperparameters, on lorakit's split."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainingArguments)
+
+    path = cfg.model.path or hub.minilm_dir()
+    log = tagged("peft")
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(cfg.train.seed)  # as lorakit's prepare() does, so the fresh classifier is the same one
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(label_names))
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    targets = cfg.lora.targets or default_targets(AutoConfig.from_pretrained(path).model_type)
+    # task_type SEQ_CLS adds the classifier to modules_to_save: it trains in full, like lorakit's head.
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                             lora_dropout=cfg.lora.dropout, target_modules=targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def encode(texts: list[str], labels: list[int]) -> list[dict[str, Any]]:
+        enc = tokenizer(texts, truncation=True, max_length=cfg.model.max_length, return_token_type_ids=False)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": y}
+                for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+
+    sets = {s: encode(*data[s]) for s in SPLITS}
+    steps = cfg.train.epochs * math.ceil(len(sets["train"]) / cfg.train.batch_size)
+    args = TrainingArguments(
+        output_dir=str(work / "peft-trainer"),
+        num_train_epochs=cfg.train.epochs,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size,
+        learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        # transformers 5 has no warmup_ratio (a float warmup_steps is a ratio, rounded up); an int gives
+        # lorakit's warmup step count exactly.
+        warmup_steps=int(cfg.train.warmup * steps),
+        lr_scheduler_type=cfg.train.schedule,
+        max_grad_norm=cfg.train.max_grad_norm,
+        optim="adamw_torch",  # torch.optim.AdamW, as lorakit uses (the default here is the fused kernel)
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        seed=cfg.train.seed,
+        logging_steps=cfg.train.log_every,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+
+    def accuracy(p) -> dict[str, float]:
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+    trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+                      train_dataset=sets["train"], eval_dataset=sets["val"], processing_class=tokenizer,
+                      compute_metrics=accuracy)
+    before = trainer.predict(sets["test"]).metrics["test_accuracy"]
+    log(f"test accuracy before training: {before:.4f}")
+    trainer.train()
+    after = trainer.predict(sets["test"]).metrics["test_accuracy"]
+    log(f"test accuracy after training (best validation epoch restored): {after:.4f}")
+    model.save_pretrained(work / "peft-adapter")
+    seconds = time.perf_counter() - start
+
+    weights = work / "peft-adapter" / "adapter_model.safetensors"
+    history = trainer.state.log_history
+    return {"method": "peft", "trainable_params": trainable, "lr": cfg.train.lr, "test_before": before,
+            "test_after": after, "val_by_epoch": [h["eval_accuracy"] for h in history if "eval_accuracy" in h],
+            "steps": trainer.state.global_step, "seconds": seconds, "file": weights.name,
+            "file_bytes": weights.stat().st_size}
+
+
+# ---------------------------------------------------------------- the report
+
+
+LABELS = {"lora": "lorakit LoRA", "full": "lorakit full fine-tuning", "peft": "PEFT LoRA + Trainer"}
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "lorakit": lorakit.__version__,
+            "git": commit}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _times(a: float, b: float, faster: str = "faster", slower: str = "slower") -> str:
+    """'1.8× faster' when a takes less time than b."""
+    return f"{b / a:.1f}× {faster}" if a <= b else f"{a / b:.1f}× {slower}"
+
+
+def _points(a: float, b: float) -> str:
+    return f"{100 * (a - b):+.1f} points"
+
+
+def comparison(by: dict[str, dict[str, Any]], n_test: int) -> str:
+    """Two or three sentences read off the numbers."""
+    lora, full, peft = by["lora"], by["full"], by["peft"]
+    out = [
+        f"lorakit LoRA trains {lora['trainable_params'] / full['trainable_params']:.2%} of the parameters that "
+        f"full fine-tuning trains and reaches {lora['test_after']:.1%} test accuracy against "
+        f"{full['test_after']:.1%} ({_points(lora['test_after'], full['test_after'])}), in a run "
+        f"{_times(lora['seconds'], full['seconds'])}, with a file {full['file_bytes'] / lora['file_bytes']:.0f}× "
+        f"smaller.",
+        f"With the same hyperparameters, lorakit LoRA and PEFT + Trainer reach {lora['test_after']:.1%} and "
+        f"{peft['test_after']:.1%} ({_points(lora['test_after'], peft['test_after'])} for lorakit); lorakit's run "
+        f"is {_times(lora['seconds'], peft['seconds'])} ({lora['seconds']:.0f} s vs {peft['seconds']:.0f} s).",
+    ]
+    p = lora["test_after"]
+    se = math.sqrt(p * (1 - p) / n_test)
+    befores = [f"{r['test_before']:.1%}" for r in by.values()]
+    start = (f"All three start from the same untrained model and fresh head ({befores[0]} test accuracy before "
+             f"training)" if len(set(befores)) == 1 else
+             f"The untrained models differ ({', '.join(befores)} test accuracy before training)")
+    out.append(f"{start}; one seed and {n_test:,} test examples give a standard error near {100 * se:.1f} points, "
+               f"so differences under about {200 * se:.0f} points are noise.")
+    return " ".join(out)
+
+
+def section(results: list[dict[str, Any]], env: dict[str, Any], cfg: RunConfig, sizes: dict[str, int],
+            command: str, quick: bool) -> str:
+    by = {r["method"]: r for r in results}
+    alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.r
+    targets = ",".join(map(str, cfg.lora.targets or default_targets("bert")))
+    rows = [f"| {LABELS[r['method']]} | {r['trainable_params']:,} | {r['test_before']:.4f} → **{r['test_after']:.4f}** "
+            f"| {' / '.join(f'{v:.4f}' for v in r['val_by_epoch'])} | {r['seconds']:,.0f} s "
+            f"({r['seconds'] / 60:.1f} min) | {_size(r['file_bytes'])} |" for r in results]
+    git = f" (git {env['git']})" if env["git"] else ""
+    lines = [
+        TITLE,
+        "",
+        *(["**Quick smoke test** (`--quick`): a tiny budget, not a benchmark.", ""] if quick else []),
+        f"all-MiniLM-L6-v2 fine-tuned for Rotten Tomatoes sentiment three ways, on one split — "
+        f"{sizes['train']:,} train / {sizes['val']:,} validation / {sizes['test']:,} test snippets, split by a "
+        f"hash of the text, {cfg.model.max_length} tokens at most — and one budget: {cfg.train.epochs} epoch(s), "
+        f"batch {cfg.train.batch_size}, AdamW (weight decay {cfg.train.weight_decay:g}), {cfg.train.warmup:.0%} "
+        f"warmup then {cfg.train.schedule} decay, gradient clipping at {cfg.train.max_grad_norm:g}, batches grouped "
+        f"by length and padded per batch, validation after each epoch, and the best-validation weights restored "
+        f"before the test.",
+        "",
+        f"- date: {env['date']}",
+        f"- machine: {env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads), one run at a time",
+        f"- versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}, lorakit {env['lorakit']}{git}",
+        f"- command: `{command}`",
+        f"- seed: {cfg.train.seed}",
+        "",
+        "| method | trainable params | test accuracy (before → after) | validation accuracy by epoch | wall-clock "
+        "| file size |",
+        "|---|---:|---|---|---:|---:|",
+        *rows,
+        "",
+        f"- **lorakit LoRA**: the default `RunConfig()` — LoRA r={cfg.lora.r}, α={alpha:g}, dropout "
+        f"{cfg.lora.dropout:g} on {targets}; the classifier trains in full; lr {by['lora']['lr']:g}.",
+        f"- **lorakit full fine-tuning**: `lora.method = \"full\"`, every weight trains, lr {by['full']['lr']:g}: "
+        f"full fine-tuning of BERT at LoRA's {by['lora']['lr']:g} diverges.",
+        f"- **PEFT LoRA + Trainer**: `LoraConfig(task_type=\"SEQ_CLS\")` (the classifier trains in full) and "
+        f"`transformers.Trainer` with the lorakit LoRA hyperparameters, on the same texts and labels. What still "
+        f"differs: the data order and length grouping (Trainer's `LengthGroupedSampler`), the LoRA A init draw, "
+        f"warmup ramping from 0 instead of lr/(warmup+1), and Trainer exempting biases from weight decay.",
+        "- wall-clock: the whole job — load, tokenize, test before, train with per-epoch validation and "
+        "checkpoints, restore the best epoch, test after, save. File size: the saved weights file "
+        f"({by['lora']['file']} for the adapters, {by['full']['file']} for full fine-tuning).",
+        "",
+        comparison(by, sizes["test"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, body: str) -> None:
+    """Put `body` (which starts with TITLE) in place of the TITLE section of `path`, keeping the others."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# lorakit benchmarks\n\nEach section is " \
+        "written by the script it names; rerun the script rather than editing the numbers.\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == TITLE), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        rest = "".join(lines[end:])
+        text = "".join(lines[:start]) + body + ("\n" + rest if rest else "")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sentiment", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 training examples, 1 epoch: a ~2 minute smoke test")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file whose section to rewrite (default: benchmarks/results.md; with --quick, "
+                             "a new temporary directory); sentiment.json goes beside it")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m benchmarks.sentiment", *map(shlex.quote, argv)])
+    out = args.out or (Path(tempfile.mkdtemp(prefix="lorakit-bench-")) / "results.md" if args.quick else RESULTS)
+    base = QUICK if args.quick else []
+
+    lora_cfg = build_config(None, base)
+    full_cfg = build_config({"lora": {"method": "full"}, "train": {"lr": FULL_LR}}, base)
+    env = environment()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-runs-") as tmp:
+        work = Path(tmp)
+        data, label_names = lorakit_split(lora_cfg)
+        sizes = {s: len(data[s][0]) for s in SPLITS}
+        print(f"split: {sizes}; torch threads {torch.get_num_threads()}", flush=True)
+        results.append(run_lorakit("lora", lora_cfg, work))
+        results.append(run_lorakit("full", full_cfg, work))
+        results.append(run_peft(lora_cfg, data, label_names, work))
+
+    for r in results:
+        bad = [k for k in ("test_before", "test_after", "seconds") if not math.isfinite(r[k])]
+        if bad:
+            raise SystemExit(f"{r['method']}: non-finite {', '.join(bad)}: {r}")
+    body = section(results, env, lora_cfg, sizes, command, args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    replace_section(out, body)
+    raw = {**env, "command": command, "seed": lora_cfg.train.seed, "quick": args.quick, "split_sizes": sizes,
+           "config": lora_cfg.to_dict(), "results": results}
+    (out.with_name("sentiment.json")).write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    print("\n" + body)
+    print(f"wrote {out} and {out.with_name('sentiment.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
