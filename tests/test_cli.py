@@ -115,6 +115,35 @@ def test_resume_after_interrupt_gives_the_same_result(reviews, tmp_path, capsys,
     assert strip(cut) == strip(whole)
 
 
+def test_resume_after_a_hard_kill_drops_records_past_the_checkpoint(reviews, tmp_path, capsys, monkeypatch):
+    """A kill -9 runs no handler: the run resumes from the last periodic checkpoint, and the records
+    logged after it are written again, not twice."""
+    assert run_cli(tiny_args(reviews, tmp_path / "whole"), capsys)[0] == 0
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    calls = {"n": 0}
+    forward = tasks.Prepared.forward
+
+    def dying(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 12:  # step 12's forward; checkpoint at step 10, step 11 already logged
+                raise SystemExit("power cut")
+        return forward(self, model, batch)
+
+    monkeypatch.setattr(tasks.Prepared, "forward", dying)
+    with pytest.raises(SystemExit):
+        cli.main(tiny_args(reviews, tmp_path / "cut"))
+    logged = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert '"step": 11' in logged
+    monkeypatch.setattr(tasks.Prepared, "forward", forward)
+    code, _, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
+    assert code == 0, err
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "examples_per_s"} for x in lines]  # noqa: E731
+    assert strip((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == strip(whole)
+    code, _, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
+    assert code == 2 and "already finished" in err
+
+
 def test_sigint_from_outside_checkpoints_and_resumes(reviews, tmp_path):
     out = tmp_path / "sig"
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -98,17 +98,29 @@ def _schedule(cfg: RunConfig, total: int):
 
 
 class _Metrics:
+    """metrics.jsonl: one JSON record a line; `count` is how many the file holds."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.count = len(self.read())
 
     def write(self, **record: Any) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self.count += 1
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n records: what was logged after the checkpoint is logged again on resume."""
+        lines = self.path.read_text().splitlines(keepends=True)[:n] if self.path.exists() else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(lines))
+        tmp.replace(self.path)
+        self.count = len(lines)
 
 
 def _show_examples(task: Prepared, model: nn.Module, when: str, print_fn, n: int = 5) -> None:
@@ -151,8 +163,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
     evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size)  # noqa: E731
 
     if resume:
+        if any(r.get("event") == "test_after" for r in metrics.read()):
+            raise RunError(f"the run in {run} already finished; nothing to resume")
         progress, rng = checkpoint.load(run, model, optimizer, scheduler)
         torch.set_rng_state(rng)
+        metrics.truncate(progress["metrics_lines"])
         print_fn(f"resuming {run} at epoch {progress['epoch'] + 1}, step {progress['step']}")
     else:
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -174,8 +189,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
         _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
               better, key, evaluate_split)
     except KeyboardInterrupt:
+        if checkpoint.find(run) is None:
+            raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in {run}") from None
         raise Interrupted(f"interrupted at step {progress['step']}; checkpoint saved — continue with "
-                       f"`lorakit train --resume --out {run}`") from None
+                          f"`lorakit train --resume --out {run}`") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -196,7 +213,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
     else:
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
                   run / "model.safetensors")
     plot(metrics.read(), run / "curves.png", key)
     before = progress["test_before"]
@@ -218,6 +235,11 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
 
     split = task.splits["train"]
     accum = cfg.train.grad_accum
+
+    def save(rng: torch.Tensor) -> None:
+        progress["metrics_lines"] = metrics.count
+        checkpoint.save(run, model, optimizer, scheduler, progress, rng)
+
     show = sys.stderr.isatty() if progress_bar is None else progress_bar
     rng_at_boundary = torch.get_rng_state()
     for epoch in range(progress["epoch"], cfg.train.epochs):
@@ -247,7 +269,7 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                 optimizer.zero_grad(set_to_none=True)
             except KeyboardInterrupt:
                 optimizer.zero_grad(set_to_none=True)
-                checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
+                save(rng_at_boundary)
                 bar.close()
                 raise
             b += len(group)
@@ -265,9 +287,9 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                     print_fn(f"  epoch {epoch + 1} step {progress['step']:>5}  loss {loss_sum:.4f}  "
                              f"lr {lr:.2e}  {rate:,.0f} examples/s  epoch eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if progress["step"] % cfg.train.checkpoint_every == 0:
-                checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
+                save(rng_at_boundary)
             if stop["signal"] is not None:
-                checkpoint.save(run, model, optimizer, scheduler, progress, rng_at_boundary)
+                save(rng_at_boundary)
                 bar.close()
                 raise KeyboardInterrupt
             if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
@@ -281,7 +303,7 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
             progress["best"] = val[key]
             _save_best(run, model)
         progress.update(epoch=epoch + 1, batch=0)
-        checkpoint.save(run, model, optimizer, scheduler, progress, torch.get_rng_state())
+        save(torch.get_rng_state())
         if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
             break
 
@@ -290,7 +312,7 @@ def _save_best(run: Path, model: nn.Module) -> None:
     from safetensors.torch import save_file
 
     tmp = run / ".best.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in checkpoint.trainable_state(model).items()}, tmp)
+    save_file({k: v.contiguous().cpu() for k, v in checkpoint.trainable_state(model).items()}, tmp)
     tmp.replace(run / "best.safetensors")
 
 
