@@ -89,57 +89,51 @@ def test_eval_predict_merge_inspect(reviews, tmp_path, capsys):
     assert code == 0 and len(marked) == 12 and "● " in out and "would replace 12 modules" in out
 
 
-def test_resume_after_interrupt_gives_the_same_result(reviews, tmp_path, capsys, monkeypatch):
-    assert run_cli(tiny_args(reviews, tmp_path / "whole"), capsys)[0] == 0
-    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-
+def break_training_forward(monkeypatch, at: int, error: BaseException) -> None:
+    """Make the at-th forward in training mode raise `error` (Ctrl-C, or a kill that runs no handler)."""
     calls = {"n": 0}
     forward = tasks.Prepared.forward
 
-    def interrupting(self, model, batch):
+    def breaking(self, model, batch):
         if model.training:
             calls["n"] += 1
-            if calls["n"] == 9:  # mid-epoch 1 (12 batches an epoch), after the step-8 checkpoint... and one more
-                raise KeyboardInterrupt
+            if calls["n"] == at:
+                raise error
         return forward(self, model, batch)
 
-    monkeypatch.setattr(tasks.Prepared, "forward", interrupting)
-    code, _, err = run_cli(tiny_args(reviews, tmp_path / "cut"), capsys)
+    monkeypatch.setattr(tasks.Prepared, "forward", breaking)
+
+
+def records(run):
+    """metrics.jsonl without the timing field, which differs between runs."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "examples_per_s"} for x in lines]
+
+
+def test_resume_after_interrupt_gives_the_same_result(reviews, tmp_path, capsys, monkeypatch):
+    assert run_cli(tiny_args(reviews, tmp_path / "whole"), capsys)[0] == 0
+    with monkeypatch.context() as m:
+        break_training_forward(m, 9, KeyboardInterrupt())  # mid-epoch 1 (12 batches an epoch)
+        code, _, err = run_cli(tiny_args(reviews, tmp_path / "cut"), capsys)
     assert code == 130 and "interrupted at step 8; checkpoint saved" in err and "--resume" in err
-    monkeypatch.setattr(tasks.Prepared, "forward", forward)
     code, out, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
     assert code == 0, err
     assert "resuming" in out
-    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "examples_per_s"} for x in lines]  # noqa: E731
-    assert strip(cut) == strip(whole)
+    assert records(tmp_path / "cut") == records(tmp_path / "whole")
 
 
 def test_resume_after_a_hard_kill_drops_records_past_the_checkpoint(reviews, tmp_path, capsys, monkeypatch):
     """A kill -9 runs no handler: the run resumes from the last periodic checkpoint, and the records
     logged after it are written again, not twice."""
     assert run_cli(tiny_args(reviews, tmp_path / "whole"), capsys)[0] == 0
-    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    calls = {"n": 0}
-    forward = tasks.Prepared.forward
-
-    def dying(self, model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 12:  # step 12's forward; checkpoint at step 10, step 11 already logged
-                raise SystemExit("power cut")
-        return forward(self, model, batch)
-
-    monkeypatch.setattr(tasks.Prepared, "forward", dying)
-    with pytest.raises(SystemExit):
-        cli.main(tiny_args(reviews, tmp_path / "cut"))
-    logged = (tmp_path / "cut" / "metrics.jsonl").read_text()
-    assert '"step": 11' in logged
-    monkeypatch.setattr(tasks.Prepared, "forward", forward)
+    with monkeypatch.context() as m:
+        break_training_forward(m, 12, SystemExit("power cut"))  # checkpoint at step 10, step 11 logged
+        with pytest.raises(SystemExit):
+            cli.main(tiny_args(reviews, tmp_path / "cut"))
+    assert '"step": 11' in (tmp_path / "cut" / "metrics.jsonl").read_text()
     code, _, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
     assert code == 0, err
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "examples_per_s"} for x in lines]  # noqa: E731
-    assert strip((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == strip(whole)
+    assert records(tmp_path / "cut") == records(tmp_path / "whole")
     code, _, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
     assert code == 2 and "already finished" in err
 
