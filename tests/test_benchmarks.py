@@ -32,7 +32,7 @@ def test_sentiment_benchmark_quick(tmp_path):
         assert math.isfinite(after) and 0 <= after <= 1, row
 
     raw = json.loads((tmp_path / "sentiment.json").read_text())
-    assert raw["quick"] and raw["split_sizes"]["train"] == 256
+    assert raw["quick"] and raw["data"]["sizes"]["train"] == 256
     assert [r["method"] for r in raw["results"]] == ["lora", "full", "peft"]
     for r in raw["results"]:
         assert all(math.isfinite(r[k]) for k in ("test_before", "test_after", "seconds")), r
