@@ -138,6 +138,27 @@ def test_resume_after_a_hard_kill_drops_records_past_the_checkpoint(reviews, tmp
     assert code == 2 and "already finished" in err
 
 
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(reviews, tmp_path, capsys, monkeypatch):
+    forward = tasks.Prepared.forward
+    calls = {"n": 0}
+
+    def exploding(self, model, batch):
+        loss, logits = forward(self, model, batch)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return loss * float("nan"), logits
+        return loss, logits
+
+    monkeypatch.setattr(tasks.Prepared, "forward", exploding)
+    run = tmp_path / "nan"
+    code, _, err = run_cli(tiny_args(reviews, run), capsys)
+    assert code == 2 and "loss became nan at step 5" in err and err.count("\n") == 1
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["step"] == 4  # the last good checkpoint
+    assert not (run / "adapter").exists()
+
+
 def test_sigint_from_outside_checkpoints_and_resumes(reviews, tmp_path):
     out = tmp_path / "sig"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -177,6 +198,12 @@ def test_bad_input_is_one_line_exit_2_nothing_written(reviews, tmp_path, capsys,
     assert err.count("\n") == 1 and err.startswith("lorakit: error: ") and message in err
     assert "Traceback" not in err
     assert not out_dir.exists()
+
+
+def test_inspect_bad_target_is_one_line(reviews, capsys):
+    code, out, err = run_cli(["inspect", "--data.path", str(reviews), "--data.text_column", "review",
+                              "--data.label_column", "verdict", "--lora.targets", "qeury"], capsys)
+    assert code == 2 and "target 'qeury' matches no module" in err and err.count("\n") == 1
 
 
 def test_bad_data_files(tmp_path, capsys):

@@ -143,17 +143,14 @@ def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .inject import inject
     from .layers import kind_of
-    from .train.tasks import default_targets, prepare, task_head
+    from .train.recipe import head_of, inject_from_config
+    from .train.tasks import prepare
 
     cfg = _config(args.recipe, overrides)
     task = prepare(cfg)
-    model = task.model
-    targets = cfg.lora.targets or default_targets(task.arch)
-    targets = "all-linear" if targets == ["all-linear"] else targets
-    head = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, task.arch)
-    report = inject(model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, modules_to_save=head, dry_run=True)
+    model, head = task.model, head_of(cfg, task)
+    report = inject_from_config(cfg, task, dry_run=True)
     chosen = {r.name: r for r in report.replaced}
     print(f"{type(model).__name__} — ◆ LoRA target, ● trains in full (modules_to_save)")
     for name, module in model.named_modules():
@@ -162,10 +159,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
         depth = name.count(".")
         own = sum(p.numel() for p in module.parameters(recurse=False))
         mark = "◆" if name in chosen else "●" if name in head else " "
-        shape = ""
-        if kind_of(module):
-            w = module.weight
-            shape = f" {tuple(w.shape)}"
+        shape = f" {tuple(module.weight.shape)}" if kind_of(module) else ""
         extra = f"  + {chosen[name].params:,} LoRA params" if name in chosen else ""
         print(f"{mark} {'  ' * depth}{name.rsplit('.', 1)[-1]} ({type(module).__name__}){shape}"
               f"{f'  {own:,} params' if own else ''}{extra}")

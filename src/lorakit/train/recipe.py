@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import inject, summary
+from ..inject import InjectReport
 from ..files import save_adapter
 from . import checkpoint
 from .config import ConfigError, RunConfig, build_config
@@ -57,25 +58,33 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
     return cfg, run
 
 
+def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) -> InjectReport:
+    """LoRA surgery as the config asks: its targets (or the architecture's) and the task head."""
+    targets = cfg.lora.targets or default_targets(task.arch)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    try:
+        return inject(task.model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                      rslora=cfg.lora.rslora, bias=cfg.lora.bias, modules_to_save=head_of(cfg, task), dry_run=dry_run)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"lora.targets: {e}") from None
+
+
+def head_of(cfg: RunConfig, task: Prepared) -> list[str]:
+    return cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, task.arch)
+
+
 def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
     """Make the right parameters trainable: LoRA adapters (+ head), everything, or the head only."""
-    model, arch = task.model, task.arch
-    head = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, arch)
+    model = task.model
     if cfg.lora.method == "lora":
-        targets = cfg.lora.targets or default_targets(arch)
-        if targets == ["all-linear"]:
-            targets = "all-linear"
-        try:
-            report = inject(model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                            rslora=cfg.lora.rslora, bias=cfg.lora.bias, modules_to_save=head)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"lora.targets: {e}") from None
-        print_fn(report)
+        print_fn(inject_from_config(cfg, task))
     elif cfg.lora.method == "full":
         model.requires_grad_(True)
     else:
+        head = head_of(cfg, task)
         if not head:
-            raise ConfigError(f"lora.method = head needs lora.modules_to_save for architecture {arch!r}")
+            raise ConfigError(f"lora.method = head needs lora.modules_to_save for architecture {task.arch!r}")
         model.requires_grad_(False)
         for name in head:
             model.get_submodule(name).requires_grad_(True)
