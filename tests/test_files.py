@@ -151,15 +151,20 @@ def saved(minilm, tmp_path):
     return base, tmp_path / "a"
 
 
+def assert_refused(model, path, match):
+    """load_adapter raises AdapterFileError matching `match` and leaves the model as it was."""
+    state = plain_state(model)
+    with pytest.raises(AdapterFileError, match=match):
+        lorakit.load_adapter(model, path)
+    assert_untouched(model, state)
+
+
 def test_refuses_a_different_base_unless_forced(saved):
     base, path = saved
     with torch.no_grad():
         base.bert.encoder.layer[3].attention.self.value.weight.mul_(1.01)  # a fine-tuned base
-    state = plain_state(base)
-    with pytest.raises(AdapterFileError, match=r"trained on a different base model \(the frozen weights of the "
-                                                r"adapted layers differ\); pass force=True"):
-        lorakit.load_adapter(base, path)
-    assert_untouched(base, state)
+    assert_refused(base, path, r"trained on a different base model \(the frozen weights of the "
+                               r"adapted layers differ\); pass force=True")
     with pytest.warns(UserWarning, match="loading anyway because force=True"):
         lorakit.load_adapter(base, path, force=True)
     assert any(isinstance(m, LoraLayer) for m in base.modules())
@@ -177,10 +182,7 @@ def test_refuses_shape_mismatch_naming_keys(saved, tmp_path):
     config = json.loads((path / "adapter_config.json").read_text())
     del config["weights_sha256"]
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    state = plain_state(base)
-    with pytest.raises(AdapterFileError, match=r"query.lora_a has shape \(8, 500\) in the file but \(8, 384\) here"):
-        lorakit.load_adapter(base, bad)
-    assert_untouched(base, state)
+    assert_refused(base, bad, r"query.lora_a has shape \(8, 500\) in the file but \(8, 384\) here")
 
 
 @pytest.mark.parametrize("cut", [10, 1000, 100_000])
@@ -188,10 +190,7 @@ def test_refuses_truncated_file(saved, cut):
     base, path = saved
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-cut])
-    state = plain_state(base)
-    with pytest.raises(AdapterFileError, match="is truncated or corrupt"):
-        lorakit.load_adapter(base, path)
-    assert_untouched(base, state)
+    assert_refused(base, path, "is truncated or corrupt")
 
 
 def test_refuses_flipped_bytes_by_hash(saved):
@@ -200,10 +199,7 @@ def test_refuses_flipped_bytes_by_hash(saved):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    state = plain_state(base)
-    with pytest.raises(AdapterFileError, match="does not match the hash"):
-        lorakit.load_adapter(base, path)
-    assert_untouched(base, state)
+    assert_refused(base, path, "does not match the hash")
 
 
 def test_refuses_a_pickle_and_never_unpickles(saved):
@@ -216,10 +212,7 @@ def test_refuses_a_pickle_and_never_unpickles(saved):
             return (exec, ("raise SystemExit('unpickled!')",))
 
     (path / "adapter_model.safetensors").write_bytes(pickle.dumps(Boom()))
-    state = plain_state(base)
-    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
-        lorakit.load_adapter(base, path)
-    assert_untouched(base, state)
+    assert_refused(base, path, "truncated or corrupt")
 
 
 def test_refuses_corrupt_config(saved):
@@ -234,10 +227,7 @@ def test_refuses_newer_major_version(saved):
     config = json.loads((path / "adapter_config.json").read_text())
     config["format_version"] = "2.0"
     (path / "adapter_config.json").write_text(json.dumps(config))
-    state = plain_state(base)
-    with pytest.raises(AdapterFileError, match="format_version 2.0, from a newer lorakit; this version reads format 1.x"):
-        lorakit.load_adapter(base, path)
-    assert_untouched(base, state)
+    assert_refused(base, path, "format_version 2.0, from a newer lorakit; this version reads format 1.x")
 
 
 def test_unknown_keys_from_newer_minor_warn_and_load(saved):
@@ -293,11 +283,8 @@ def test_load_second_adapter_beside_first(minilm, tmp_path):
 
 def test_refuses_an_adapter_for_another_model(saved, tiny_gpt2):
     _, path = saved
-    state = plain_state(tiny_gpt2)
-    with pytest.raises(AdapterFileError, match=r"does not fit GPT2LMHeadModel: layer "
-                                                r"'bert.encoder.layer.0.attention.self.query' is not in GPT2LMHeadModel"):
-        lorakit.load_adapter(tiny_gpt2, path)
-    assert_untouched(tiny_gpt2, state)
+    assert_refused(tiny_gpt2, path, r"does not fit GPT2LMHeadModel: layer "
+                                    r"'bert.encoder.layer.0.attention.self.query' is not in GPT2LMHeadModel")
 
 
 @pytest.mark.parametrize("fmt", ["lorakit", "peft"])
