@@ -6,6 +6,7 @@
     lorakit generate RUN --prompt TEXT
     lorakit merge RUN --out DIR
     lorakit inspect [RECIPE] [--section.key VALUE ...]
+    lorakit experiment NAME [--quick] [--out DIR]
 
 Bad input is one line on stderr and exit code 2.
 """
@@ -168,6 +169,18 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace, _: list[str]) -> int:
+    from .experiments import STUDIES, study
+
+    names = list(STUDIES) if args.name == "all" else [args.name]
+    for name in names:
+        run = study(name)
+        out = Path(args.out) / name if args.out else Path("runs" if args.quick else "docs") / "experiments" / name
+        print(f"lorakit: experiment {name}{' (quick)' if args.quick else ''} → {out}")
+        print(f"lorakit: wrote {run(out, args.quick, args.seed)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for PyTorch models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="RECIPE: a TOML or YAML recipe (default: the built-in sentiment job).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_inspect)
+    from .experiments import STUDIES
+
+    p = sub.add_parser("experiment", help="reproduce a published LoRA result and write report.md with plots")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="the study")
+    p.add_argument("--quick", action="store_true", help="a reduced run (about a minute) that checks the study works")
+    p.add_argument("--out", help="folder for the reports (default: docs/experiments/, quick: runs/experiments/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 
