@@ -92,4 +92,7 @@ class Report:
 
 
 def command_line() -> str:
-    return "lorakit " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lorakit") else " ".join(sys.argv)
+    """How this process was started, as a user would type it."""
+    if sys.argv and sys.argv[0].endswith(("lorakit", "__main__.py")):
+        return "lorakit " + " ".join(sys.argv[1:])
+    return "python " + " ".join(sys.argv)
