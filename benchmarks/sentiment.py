@@ -283,10 +283,10 @@ def section(results: list[dict[str, Any]], env: dict[str, Any], cfg: RunConfig, 
         f"- **lorakit full fine-tuning**: `lora.method = \"full\"`, every weight trains, lr {by['full']['lr']:g}: "
         f"at LoRA's {by['lora']['lr']:g}, full fine-tuning of BERT diverges (in a shorter check, 4,096 examples "
         f"for one epoch, the loss stayed near ln 2 and the model answered the majority class for every text).",
-        f"- **PEFT LoRA + Trainer**: `LoraConfig(task_type=\"SEQ_CLS\")` (the classifier trains in full) and "
-        f"`transformers.Trainer` with the lorakit LoRA hyperparameters, on the same texts and labels. What still "
-        f"differs: the data order and length grouping (Trainer's `LengthGroupedSampler`), the LoRA A init draw, "
-        f"warmup ramping from 0 instead of lr/(warmup+1), and Trainer exempting biases from weight decay.",
+        "- **PEFT LoRA + Trainer**: `LoraConfig(task_type=\"SEQ_CLS\")` (the classifier trains in full) and "
+        "`transformers.Trainer` with the lorakit LoRA hyperparameters, on the same texts and labels. What still "
+        "differs: the data order and length grouping (Trainer's `LengthGroupedSampler`), the LoRA A init draw, "
+        "warmup ramping from 0 instead of lr/(warmup+1), and Trainer exempting biases from weight decay.",
         "- wall-clock: the whole job — load, tokenize, test before, train with per-epoch validation and "
         "checkpoints, restore the best epoch, test after, save. File size: the saved weights file "
         f"({by['lora']['file']} for the adapters, {by['full']['file']} for full fine-tuning).",

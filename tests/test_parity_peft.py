@@ -9,7 +9,7 @@ import lorakit
 
 peft = pytest.importorskip("peft")
 
-from conftest import ConvNet, randomize  # noqa: E402
+from conftest import randomize  # noqa: E402
 
 
 def peft_twin(model, lora_model, **peft_kwargs):

@@ -305,16 +305,19 @@ def test_length_grouped_batches():
     assert batches != length_grouped_batches(lengths, batch_size=16, seed=3, epoch=1)
     assert sorted(i for b in batches for i in b) == list(range(4000))
     assert all(len(b) == 16 for b in batches)
-    in_order = length_grouped_batches(lengths, batch_size=16, seed=3, epoch=0, shuffle=False)
-    assert in_order[:2] == [list(range(16)), list(range(16, 32))]
+    in_order = [list(range(i, i + 16)) for i in range(0, 4000, 16)]
     assert spread(batches, lengths) < 0.1 * spread(in_order, lengths)
+    for_eval = length_grouped_batches(lengths, batch_size=16, seed=3, epoch=0, shuffle=False)
+    assert sorted(i for b in for_eval for i in b) == list(range(4000))
+    flat = [lengths[i] for b in for_eval for i in b]
+    assert flat == sorted(lengths, reverse=True)
 
 
 def test_length_grouped_batches_short_batch_last():
     batches = length_grouped_batches([5] * 103, batch_size=10, seed=0, epoch=2, group_factor=3)
     assert [len(b) for b in batches] == [10] * 10 + [3]
     assert sorted(i for b in batches for i in b) == list(range(103))
-    assert length_grouped_batches([1, 2, 3], batch_size=2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2]]
+    assert length_grouped_batches([1, 3, 3], batch_size=2, seed=0, epoch=0, shuffle=False) == [[1, 2], [0]]
 
 
 def test_pad_batch():

@@ -10,6 +10,9 @@ from pathlib import Path
 STUDIES: dict[str, str] = {
     "cnn-subset": "cnn_subset",
     "merge-latency": "merge_latency",
+    "causal-lm": "causal_lm",
+    "sentiment": "sentiment",
+    "rank-targets": "rank_targets",
 }
 
 

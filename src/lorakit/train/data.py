@@ -438,14 +438,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     same generator and the one short batch, if any, comes last. The result depends only on
     (lengths, batch_size, seed, epoch, group_factor), so a resumed run can skip the batches it has done.
 
-    Without shuffle: consecutive indices in order, for evaluation.
+    Without shuffle, for evaluation: every index sorted by length, longest first (ties in index order), so
+    the evaluation batches pad as little as possible and the first batch shows the peak memory at once.
     """
     for name, value in (("batch_size", batch_size), ("group_factor", group_factor)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"{name} must be a positive integer, got {value!r}")
     n = len(lengths)
     if not shuffle:
-        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
     generator = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=generator).tolist()

@@ -92,7 +92,9 @@ def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
         line for line in table.splitlines()[1:] if line.endswith("trainable") or line.startswith("trainable params"))))
 
 
-def _schedule(cfg: RunConfig, total: int):
+def schedule(cfg: RunConfig, total: int):
+    """The learning-rate factor at each step: linear warmup over `train.warmup` of `total`, then linear,
+    cosine or constant."""
     warm = int(cfg.train.warmup * total)
 
     def factor(step: int) -> float:
@@ -164,7 +166,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
     n_batches = len(train_split.batches(cfg.train.batch_size, 0, True))
     steps_per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg, total))
     run.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(run / "metrics.jsonl")
     key = task.metric
