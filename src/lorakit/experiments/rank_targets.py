@@ -13,6 +13,7 @@ Sixty runs must fit in about half an hour on two CPU cores, so each run gets a s
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.config import ModelConfig, TrainSection, build_config
-from .report import Report, command_line
+from .report import Report, command_line, run_facts
 from .sentiment import EPOCHS as SENTIMENT_EPOCHS
 from .sentiment import fit, load_note, merged, split_facts
 
@@ -42,6 +43,7 @@ RUN = {"data": {"max_train": 1600}, "model": {"max_length": 48},
 QUICK_RANKS, QUICK_TARGETS, QUICK_SEEDS, QUICK_MAX_TRAIN = (1, 8), ("Wq", "Wq,Wv"), 1, 128
 
 Key = tuple[str, int, int]  # (target set, r, seed)
+RUNS = "runs.json"  # every run's result, saved so the report can be rendered again
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -70,35 +72,64 @@ def _check_targets(name: str, adapted: list[str], layers: int) -> None:
 
 
 def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from transformers import AutoConfig
-
-    from ..hub import minilm_dir
-
     ranks = QUICK_RANKS if quick else RANKS
     targets = list(QUICK_TARGETS) if quick else list(TARGETS)
     seeds = [seed + i for i in range(QUICK_SEEDS if quick else SEEDS)]
-    common = merged(RUN, {"data": {"max_train": QUICK_MAX_TRAIN}} if quick else {})
-    arch = AutoConfig.from_pretrained(minilm_dir())
-    layers = arch.num_hidden_layers
-    facts = split_facts(build_config(common))
-    full_train = split_facts(build_config(merged(common, {"data": {"max_train": None}})))["sizes"]["train"]
+    common = _common(quick)
+    layers = _arch().num_hidden_layers
 
     grid = [(t, r, s) for t in targets for r in ranks for s in seeds]
     budget = [(t, r, s) for t, r in BUDGET for s in seeds]
     todo = grid + [k for k in budget if k not in grid]  # a budget setting the grid holds is not run twice
-    results: dict[Key, dict[str, Any]] = {}
-    load, start = os.getloadavg(), time.perf_counter()
+    runs = []
+    load, start, facts = os.getloadavg(), time.perf_counter(), run_facts()
     for i, (t, r, s) in enumerate(todo, 1):
         cfg = build_config(merged(common, {"lora": {"targets": TARGETS[t], "r": r}, "train": {"seed": s}}))
-        res = results[t, r, s] = fit(cfg, before=False)
+        res = fit(cfg, before=False)
         _check_targets(t, res["adapted"], layers)
+        runs.append({"target": t, "r": r, "seed": s, **res})
         print(f"  [{i}/{len(todo)}] {t} r={r} seed {s}: test accuracy {res['after']:.4f} ({res['seconds']:.0f} s)",
               flush=True)
-    total = time.perf_counter() - start
+    saved = {"quick": quick, "ranks": list(ranks), "targets": targets, "seeds": seeds, "command": command_line(),
+             "run": facts, "seconds": time.perf_counter() - start, "load": [load[0], os.getloadavg()[0]], "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUNS}.tmp"
+    tmp.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out / RUNS)
+    return render(out)
+
+
+def _common(quick: bool) -> dict[str, Any]:
+    return merged(RUN, {"data": {"max_train": QUICK_MAX_TRAIN}} if quick else {})
+
+
+def _arch():
+    from transformers import AutoConfig
+
+    from ..hub import minilm_dir
+
+    return AutoConfig.from_pretrained(minilm_dir())
+
+
+def render(out: Path) -> Path:
+    """Write report.md and the plots in `out` from the runs.json a run of this study saved there.
+
+    The study calls it at its end; call it again to re-render a report without training anything."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    saved = json.loads((out / RUNS).read_text(encoding="utf-8"))
+    quick, ranks, targets, seeds = saved["quick"], tuple(saved["ranks"]), saved["targets"], saved["seeds"]
+    results: dict[Key, dict[str, Any]] = {(x["target"], x["r"], x["seed"]): x for x in saved["runs"]}
+    grid = [(t, r, s) for t in targets for r in ranks for s in seeds]
+    common = _common(quick)
+    arch = _arch()
+    layers = arch.num_hidden_layers
+    facts = split_facts(build_config(common))
+    full_train = split_facts(build_config(merged(common, {"data": {"max_train": None}})))["sizes"]["train"]
+    total, load = saved["seconds"], saved["load"]
 
     def accs(t: str, r: int) -> list[float]:
         return [results[t, r, s]["after"] for s in seeds]
@@ -118,10 +149,10 @@ def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
         f"{t_.epochs} epoch{'s' * (t_.epochs != 1)} of batch {t_.batch_size} ({one['steps']} steps), texts cut at "
         f"{common['model']['max_length']} tokens — a smaller budget than the `sentiment` study's "
         f"({full_train:,} snippets, {SENTIMENT_EPOCHS} epochs, {ModelConfig().max_length} tokens), so that "
-        f"{len(todo)} runs fit in one sitting; accuracies are lower than a full job's. Test accuracy on all "
+        f"{len(results)} runs fit in one sitting; accuracies are lower than a full job's. Test accuracy on all "
         f"{facts['sizes']['test']:,} test snippets; the seed sets the classifier's and the adapters' init and the "
         f"order of the batches.",
-        command_line(), seeds, quick)
+        saved["command"], seeds, quick, saved["run"])
 
     report.add("## Test accuracy by target set and rank (Table 6)", "",
                (f"Mean ± standard deviation over {len(seeds)} seeds." if len(seeds) > 1 else "One seed.")
@@ -173,10 +204,12 @@ def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
     plt.close(fig)
 
     report.add("## What the numbers say", "", *findings(results, targets, ranks, seeds, facts))
+    if saved.get("note"):
+        report.add("", f"_{saved['note']}_")
     report.add("", "## Wall-clock", "",
                f"{len(results)} runs in {total / 60:.1f} min: {statistics.mean(secs):.1f} s a run on average "
                f"(fastest {min(secs):.1f} s, slowest {max(secs):.1f} s), each the whole job — load model and data, "
-               f"train, test. {load_note(load[0])}")
+               f"train, test. {load_note(*load)}")
     return report.write()
 
 
@@ -208,22 +241,34 @@ def findings(results: dict[Key, dict[str, Any]], targets: list[str], ranks: tupl
                      f"learning the task on this budget: {', '.join(stuck)}. A longer run would be needed to say "
                      f"how far these settings can go; here they count as the weakest.")
 
-    # Table 6: how small can r be, per target set.
+    # Table 6: how small can r be, per target set (only for a target set that learned at some r).
     low, best_r = ranks[0], {t: max(ranks, key=lambda r: mean(t, r)) for t in targets}
+    never = {t for t in targets if not any((t, r) in learned for r in ranks)}
     enough = {t: best_r[t] == low or compare(accs(t, low), accs(t, best_r[t])) == "tie" for t in targets}
     for t in targets:
         b = best_r[t]
-        if b == low:
+        if t in never:
+            lines.append(f"- {t}: no r learned the task on this budget, so it says nothing about how small r can be.")
+        elif b == low:
             lines.append(f"- {t}: the best r is the smallest, r={low} ({_cell(accs(t, low))}).")
         else:
             said = {"tie": "level with it", "behind": "behind it"}[compare(accs(t, low), accs(t, b))]
             lines.append(f"- {t}: the best r is {b} ({_cell(accs(t, b))}); r={low} ({_cell(accs(t, low))}) is {said}.")
     if "Wq" in targets and "Wq,Wv" in targets:
-        agrees = enough["Wq,Wv"] and not enough["Wq"]
-        lines.append(f"- The paper: r=1 suffices for Wq,Wv while Wq alone needs a larger r. Here r={low} is "
-                     f"{'enough' if enough['Wq,Wv'] else 'not enough'} for Wq,Wv and "
-                     f"{'enough' if enough['Wq'] else 'not enough'} for Wq alone, which "
-                     f"{'agrees with' if agrees else 'does not reproduce'} that finding.")
+        claim = f"- The paper: r=1 suffices for Wq,Wv while Wq alone needs a larger r. Here r={low} is "
+        if "Wq,Wv" in never:
+            lines.append(claim + "not enough for Wq,Wv either: no rank of it learned on this budget, so the claim "
+                                 "cannot be checked here.")
+        elif "Wq" in never:
+            lines.append(claim + f"{'enough' if enough['Wq,Wv'] else 'not enough'} for Wq,Wv, while Wq alone learned "
+                                 f"nothing at any r up to {ranks[-1]}: the first half "
+                                 f"{'agrees with' if enough['Wq,Wv'] else 'does not reproduce'} the paper; the second "
+                                 f"cannot be checked on this budget (no larger r helps Wq here either).")
+        else:
+            agrees = enough["Wq,Wv"] and not enough["Wq"]
+            lines.append(claim + f"{'enough' if enough['Wq,Wv'] else 'not enough'} for Wq,Wv and "
+                                 f"{'enough' if enough['Wq'] else 'not enough'} for Wq alone, which "
+                                 f"{'agrees with' if agrees else 'does not reproduce'} that finding.")
     if 64 in ranks and 8 in ranks:
         verdicts = {t: compare(accs(t, 64), accs(t, 8)) for t in targets}
         lines.append("- r=64 against r=8: " + "; ".join(f"{t} {v}" for t, v in verdicts.items())
@@ -247,5 +292,7 @@ def findings(results: dict[Key, dict[str, Any]], targets: list[str], ranks: tupl
     lines.append(f"- At one budget ({results[q, rq, seeds[0]]['lora_params']:,} LoRA parameters): adapting both Wq "
                  f"and Wv (r={rqv}, {_cell(b)}) beats Wq alone (r={rq}, {_cell(a)}): **{yes[v1]}**. All four "
                  f"matrices at r={rf} ({_cell(c)}) against Wq,Wv at r={rqv}: **{v2}**. In the paper's Table 5 Wq,Wv "
-                 f"is ahead of Wq alone, and all four are about level with Wq,Wv.")
+                 f"is ahead of Wq alone, and all four are about level with Wq,Wv."
+                 + (" (Wq alone learned nothing at any r here, which makes the first comparison an easy one.)"
+                    if "Wq" in never else ""))
     return lines

@@ -49,6 +49,12 @@ def versions() -> str:
     return ", ".join(parts) + f", lorakit {__version__}" + (f" (git {commit})" if commit else "")
 
 
+def run_facts() -> dict[str, str]:
+    """When, where and with what a run is made, as its report states them."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "versions": versions()}
+
+
 @dataclass
 class Report:
     """Markdown built up section by section; `write` puts report.md (and the plots) in `out`."""
@@ -57,10 +63,13 @@ class Report:
     out: Path
     lines: list[str] = field(default_factory=list)
 
-    def header(self, what: str, command: str, seeds: list[int], quick: bool) -> None:
+    def header(self, what: str, command: str, seeds: list[int], quick: bool, run: dict[str, str] | None = None) -> None:
+        """The setting, then date, machine, versions, command and seeds. `run`: those facts as recorded
+        by an earlier run ({"date", "machine", "versions"}) when its saved results are rendered again."""
+        run = run or run_facts()
         self.lines += [f"# {self.title}", "", what, "",
-                       f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-                       f"- machine: {machine()}", f"- versions: {versions()}", f"- command: `{command}`",
+                       f"- date: {run['date']}",
+                       f"- machine: {run['machine']}", f"- versions: {run['versions']}", f"- command: `{command}`",
                        f"- seeds: {', '.join(map(str, seeds))}"]
         if quick:
             self.lines.append("- **quick mode**: a reduced run to check the study works; its numbers are not the study's")

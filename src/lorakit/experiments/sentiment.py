@@ -110,9 +110,10 @@ def fit(cfg: RunConfig, save_to: Path | None = None, before: bool = True) -> dic
     return result
 
 
-def load_note(start: float) -> str:
-    """A sentence on the machine's load over a study, which says how far its wall-clock can be trusted."""
-    end, cores = os.getloadavg()[0], os.cpu_count() or 1
+def load_note(start: float, end: float | None = None) -> str:
+    """A sentence on the machine's load over a study (`end`: now, if not given), which says how far its
+    wall-clock can be trusted."""
+    end, cores = os.getloadavg()[0] if end is None else end, os.cpu_count() or 1
     shared = max(start, end) > cores + 0.5  # the study itself keeps about `cores` threads busy
     return (f"Load average (1 min): {start:.1f} at the start, {end:.1f} at the end, on {cores} cores"
             + ("; other work shared the machine, so the times are longer than the runs' own." if shared else "."))
