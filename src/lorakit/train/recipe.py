@@ -358,10 +358,13 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
             if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
                 break
         bar.close()
+        took = time.perf_counter() - start
         val = evaluate_split("val")
         metrics.write(event="val", epoch=epoch + 1, step=progress["step"], **val)
         improved = progress["best"] is None or better(val[key], progress["best"])
-        print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else ""))
+        print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else "")
+                 + f"  [{took // 60:.0f}m{took % 60:04.1f}s training on {dist.world} process"
+                 + ("es]" if dist.world > 1 else "]"))
         if improved:
             progress["best"] = val[key]
             _save_best(run, raw, dist)
