@@ -245,6 +245,10 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
             signal.signal(s, handler)
 
     best_path = run / "best.safetensors"
+    seen_by = dist.sum([float(best_path.exists())])[0]
+    if 0 < seen_by < dist.world:
+        raise RunError(f"{run} is not on storage every rank sees ({seen_by:.0f} of {dist.world} find "
+                       f"{best_path.name}); give --out a folder on a shared filesystem")
     if best_path.exists():
         from safetensors.torch import load_file
 
