@@ -151,7 +151,7 @@ def test_distributed_resume_after_sigterm_gives_the_same_run(ddp, reviews, tiny_
     state = json.loads((cut / "checkpoint" / "state.json").read_text())
     assert state["progress"]["step"] == 5 and not (cut / "adapter").exists()
     code, _, err = run_cli(["train", "--resume", "--out", str(cut)], capsys)
-    assert code == 2 and "trained on 2 processes" in err
+    assert code == 2 and "trained on 2 processes, this is 1; resume it with --nproc 2" in err
     result = torchrun(["train", "--resume", "--out", str(cut)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout
@@ -201,3 +201,25 @@ def test_shards_of_a_global_batch_weight_to_its_mean():
     batches = [[0], [1], [2]]
     assert Dist(rank=1, world=2, strategy="fsdp").eval_batches(batches) == [([1], True), ([0], False)]
     assert Dist(rank=1, world=2, strategy="ddp").eval_batches(batches) == [([1], True)]
+
+
+def test_ddp_sends_only_trainable_parameters_at_start(tiny_gpt2, monkeypatch):
+    import torch.distributed as tdist
+
+    from lorakit.train.distributed import wrap
+
+    inject(tiny_gpt2, {"c_attn": ("q", "v")}, r=4, modules_to_save=["lm_head"])
+    sent, coalesced = [], []
+    monkeypatch.setattr(tdist, "broadcast", lambda t, src, *a, **k: sent.append(t.data_ptr()))
+    monkeypatch.setattr(tdist, "_broadcast_coalesced", lambda *a, **k: coalesced.append(a))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrap(tiny_gpt2, Dist(rank=0, world=2))
+    finally:
+        tdist.destroy_process_group()
+    trainable = [p.data_ptr() for p in tiny_gpt2.parameters() if p.requires_grad]
+    assert sent == trainable and not coalesced
+    assert len(trainable) == 2 * 2 + 1 and sum(1 for _ in tiny_gpt2.parameters()) > 20  # A, B of 2 layers; the head

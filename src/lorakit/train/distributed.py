@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -173,12 +174,17 @@ def launch(argv: list[str], nproc: int) -> int:
     """Run `lorakit ARGV` as nproc ranks under torchrun on this machine; return torchrun's exit code.
 
     Ctrl-C reaches torchrun and every rank; they stop together at the next step and rank 0 writes a
-    checkpoint, so this process waits for them instead of leaving first."""
+    checkpoint, so this process waits for them instead of leaving first. A SIGTERM sent to this
+    process is passed on to torchrun, which passes it to the ranks."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     proc = subprocess.Popen(torchrun_command(argv, nproc), env=env)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -206,8 +206,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
             raise RunError(f"the run in {run} already finished; nothing to resume")
         progress, rngs = checkpoint.load(run, model, optimizer, scheduler)
         if len(rngs) != dist.world:
-            raise RunError(f"the run in {run} was trained on {len(rngs)} processes; resume it on as many "
-                           f"(the data of each step depends on it), not {dist.world}")
+            how = f"with --nproc {len(rngs)}" if len(rngs) > 1 else "in one process (no --nproc, no torchrun)"
+            raise RunError(f"the run in {run} was trained on {len(rngs)} process{'es' if len(rngs) > 1 else ''}, "
+                           f"this is {dist.world}; resume it {how}, as the data of each step depends on it")
         torch.set_rng_state(rngs[dist.rank])
         dist.barrier()  # every rank has read metrics.jsonl before rank 0 cuts it
         if dist.main:
@@ -238,8 +239,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
     except KeyboardInterrupt:
         if checkpoint.find(run) is None:
             raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in {run}") from None
+        nproc = f" --nproc {dist.world}" if dist.world > 1 else ""
         raise Interrupted(f"interrupted at step {progress['step']}; checkpoint saved — continue with "
-                          f"`lorakit train --resume --out {run}`") from None
+                          f"`lorakit train --resume --out {run}{nproc}`") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
