@@ -324,7 +324,7 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                     with model.no_sync() if ddp and not last else contextlib.nullcontext():
                         loss, _ = task.forward(model, batch)
                         (loss * (weight / len(group))).backward()
-                    loss_sum += loss.item() * weight / len(group)
+                    loss_sum += loss.item() * weight / len(group) if weight else 0.0
                     seen += len(index)
                 loss_sum, stopping = dist.sum([loss_sum / dist.world, float(stop["signal"] is not None)])
                 if not math.isfinite(loss_sum):
