@@ -139,7 +139,10 @@ def wrap(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:
         blocks = [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
         for block in blocks:
             fully_shard(block)
-        fully_shard(model)
+        # The root, too, reshards after every forward (FSDP2 keeps it whole by default): the
+        # parameters that code outside a forward reads and writes (best weights, adapter, checkpoint)
+        # must be the sharded ones, which the next forward gathers.
+        fully_shard(model, reshard_after_forward=True)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
