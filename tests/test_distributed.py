@@ -58,7 +58,7 @@ def assert_same_adapter(got, want):
     assert any(k.endswith("lora_b") and want[k].abs().max() > 1e-3 for k in want)  # it did learn
 
 
-def torchrun(argv, timeout=600):
+def torchrun(argv, timeout=1200):
     """`lorakit ARGV --nproc 2` as a user runs it (in its own process group, killed whole on a timeout)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", *argv, "--nproc", "2"], stdout=subprocess.PIPE,
@@ -88,7 +88,7 @@ def _rank(rank, port, argv, term_at):
     sys.exit(cli.main(argv))
 
 
-def spawn(argv, term_at=0, timeout=600):
+def spawn(argv, term_at=0, timeout=1200):
     """Two ranks as spawned processes (the test can reach into them); their exit codes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,9 +171,17 @@ def test_fsdp_trains_as_one_process_and_saves_whole_tensors(single, reviews, tin
     assert_same_records(run, single)
 
 
-def test_nproc_refuses_bad_input_before_starting(reviews, tiny_bert, tmp_path):  # noqa: F811
-    result = torchrun(args(reviews, tiny_bert, tmp_path / "x", B, "--lora.r", "0"))
-    assert result.returncode == 2 and result.stderr == "lorakit: error: lora.r must be an integer >= 1, got 0\n"
+def test_nproc_refuses_bad_input_before_starting(reviews, tiny_bert, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from lorakit.train import distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("launched torchrun on bad input"))
+    existing = tmp_path / "x"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    for extra, message in ((["--lora.r", "0"], "lora.r must be an integer >= 1, got 0"),
+                           ([], "already holds a run; pass --overwrite")):
+        code, _, err = run_cli(args(reviews, tiny_bert, existing, B, "--nproc", "2", *extra), capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err
 
 
 def test_a_shard_or_an_empty_tensor_is_never_saved(tiny_gpt2, tmp_path):
