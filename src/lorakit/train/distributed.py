@@ -151,7 +151,7 @@ def wrap(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:
             if p.requires_grad:
                 tdist.broadcast(p.data, 0)
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False,
+    return DistributedDataParallel(model, device_ids=ids, init_sync=False, forward_sync_buffers=False,
                                    find_unused_parameters=find_unused)
 
 
