@@ -1,6 +1,6 @@
 """The `lorakit` command: a thin map from subcommand to a function.
 
-    lorakit train [RECIPE] [--section.key VALUE ...] [--overwrite | --resume]
+    lorakit train [RECIPE] [--section.key VALUE ...] [--overwrite | --resume] [--nproc N]
     lorakit eval RUN [--split test] [--base]
     lorakit predict RUN TEXT ... | --file FILE
     lorakit generate RUN --prompt TEXT
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,17 @@ def _config(recipe: str | None, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .train.recipe import train
+    from .train.recipe import prepare_run_dir, train
 
-    train(_config(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite)
+    cfg = _config(args.recipe, overrides)
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.distributed import launch
+
+        prepare_run_dir(cfg, args.resume, args.overwrite)  # refuse bad input here, before any rank starts
+        argv = ["train", *([args.recipe] if args.recipe else []), *overrides,
+                *(["--overwrite"] if args.overwrite else []), *(["--resume"] if args.resume else [])]
+        return launch(argv, args.nproc)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -181,18 +190,26 @@ def cmd_experiment(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for PyTorch models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune with LoRA (no arguments: sentiment on the packaged MiniLM)",
-                       usage="lorakit train [RECIPE] [--section.key VALUE ...] [--overwrite | --resume]",
+                       usage="lorakit train [RECIPE] [--section.key VALUE ...] [--overwrite | --resume] [--nproc N]",
                        description="RECIPE: a TOML or YAML recipe (default: the built-in sentiment job).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     mode.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="train on N processes of this machine, launched by torchrun (train.distributed: ddp or fsdp)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of a run's model on a split")
@@ -252,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except Interrupted as e:
-        print(f"lorakit: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lorakit: {e}", file=sys.stderr)
         return 130
     except (ConfigError, DataError, RunError, AdapterFileError, MissingResource, FileNotFoundError) as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error; one says it
+            print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)

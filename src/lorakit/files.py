@@ -77,23 +77,62 @@ def fingerprint(model: nn.Module, layer_names: list[str]) -> dict:
 # ---------------------------------------------------------------- save
 
 
+def full_tensor(t: Tensor) -> Tensor:
+    """A tensor whole: a sharded DTensor (FSDP) is gathered from every rank — a collective, so every
+    rank must make the same calls in the same order; any other tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
-    """Gather one adapter's tensors and settings from the model."""
+    """Gather one adapter's tensors and settings from the model, whole even when the model is
+    sharded (FSDP: every rank must call this; see `full_tensor`)."""
     if adapter not in list_adapters(model):
         raise ValueError(f"no adapter {adapter!r} on {type(model).__name__}; adapters: "
                          f"{', '.join(list_adapters(model)) or 'none'}")
     layers, lora, saved, biases = {}, {}, {}, {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLayer) and adapter in m.adapters:
-            a = m.adapters[adapter]
-            layers[name] = (a.config, a.slices)
-            lora[name] = (a.lora_a.detach(), a.lora_b.detach())
-        elif isinstance(m, SavedModule) and adapter in m.adapters:
-            saved[name] = {k: v.detach() for k, v in m.adapters[adapter].state_dict().items()}
-    bias_mode = next(iter(layers.values()))[0].bias if layers else "none"
-    if bias_mode != "none":
-        biases = _trained_biases(model, adapter, bias_mode)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLayer) and adapter in m.adapters:
+                a = m.adapters[adapter]
+                layers[name] = (a.config, a.slices)
+                lora[name] = (full_tensor(a.lora_a.detach()), full_tensor(a.lora_b.detach()))
+            elif isinstance(m, SavedModule) and adapter in m.adapters:
+                saved[name] = {k: full_tensor(v.detach()) for k, v in m.adapters[adapter].state_dict().items()}
+        bias_mode = next(iter(layers.values()))[0].bias if layers else "none"
+        if bias_mode != "none":
+            biases = {k: full_tensor(v) for k, v in _trained_biases(model, adapter, bias_mode).items()}
     return AdapterSpec(layers, lora, saved, biases, fingerprint(model, list(layers)))
+
+
+def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
+    """Refuse to write an adapter whose tensors are not whole: any tensor that is empty, or whose shape
+    is not the one the model's adapter layers define (A: (p·r, fan_in), B: (Σ slices, r); a
+    modules_to_save copy or a bias: the module's own shapes). A shard saved as if it were the whole
+    tensor is the usual way such a file arises under FSDP or ZeRO; it would load as garbage or not at all."""
+    problems = []
+
+    def check(key: str, got: Tensor, want: tuple[int, ...]) -> None:
+        if got.numel() == 0 or tuple(got.shape) != tuple(want):
+            problems.append(f"{key} has shape {tuple(got.shape)}, expected {tuple(want)}")
+
+    for name, (a, b) in spec.lora.items():
+        layer = model.get_submodule(name).adapters[adapter]
+        expected = LoraAdapter(layer.geometry, layer.config, layer.slices, device="meta")
+        check(f"{name}.lora_a", a, expected.lora_a.shape)
+        check(f"{name}.lora_b", b, expected.lora_b.shape)
+    for name, state in spec.saved.items():
+        own = model.get_submodule(name).original.state_dict()
+        for k, v in state.items():
+            check(f"{name}.{k}", v, own[k].shape)
+    for name, bias in spec.biases.items():
+        module = model.get_submodule(name)
+        check(f"{name}.bias", bias, (module.base if isinstance(module, LoraLayer) else module).bias.shape)
+    if problems:
+        raise AdapterFileError(f"refusing to save adapter {adapter!r}: " + "; ".join(problems[:6])
+                               + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+                               + " — a tensor is empty or is a shard, not the whole tensor; nothing was written")
 
 
 def _trained_biases(model: nn.Module, adapter: str, mode: str) -> dict[str, Tensor]:
@@ -131,10 +170,26 @@ def save_adapter(
     Only adapter tensors are written (plus `modules_to_save` and trained biases), as they are or
     cast to `dtype` (torch.bfloat16 or float16 halve the file; loading casts back to fp32). An
     existing adapter in `directory` is refused unless `overwrite=True`."""
+    adapter = adapter or _only_active(model)
+    return write_adapter(model, adapter_spec(model, adapter), directory, adapter, format, overwrite, dtype, print_fn)
+
+
+def write_adapter(
+    model: nn.Module,
+    spec: AdapterSpec,
+    directory: str | os.PathLike,
+    adapter: str,
+    format: Literal["lorakit", "peft"] = "lorakit",
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    print_fn=print,
+) -> Path:
+    """The writing half of `save_adapter`, for tensors already gathered by `adapter_spec` (in a
+    distributed run every rank gathers, one writes). Refuses tensors that are not whole
+    (`check_complete`) before anything is written."""
     if format not in ("lorakit", "peft"):
         raise ValueError(f"format must be 'lorakit' or 'peft', got {format!r}")
-    adapter = adapter or _only_active(model)
-    spec = adapter_spec(model, adapter)
+    check_complete(model, spec, adapter)
     out = Path(directory)
     if (out / CONFIG_NAME).exists() and not overwrite:
         raise FileExistsError(f"{out / CONFIG_NAME} already exists; pass overwrite=True to replace it")

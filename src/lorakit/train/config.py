@@ -96,7 +96,10 @@ class TrainSection:
     bf16: autocast the forward to bfloat16 (LoRA weights stay fp32). device: "auto" (CUDA when
     available, else CPU), "cpu", "cuda" or "cuda:N". group_by_length: batch texts of
     similar length together (less padding). checkpoint_every: optimizer steps between checkpoints
-    (one is also written at each epoch's end and on Ctrl-C). max_steps: stop early (smoke tests)."""
+    (one is also written at each epoch's end and on Ctrl-C). max_steps: stop early (smoke tests).
+    distributed: how several ranks (torchrun, or `lorakit train --nproc N`) share the model: "ddp"
+    (each holds all of it; trainable gradients are averaged) or "fsdp" (FSDP2: every weight sharded
+    across ranks); batch_size is per rank, so a step sees ranks × batch_size examples."""
 
     epochs: int = 2
     batch_size: int = 32
@@ -114,6 +117,7 @@ class TrainSection:
     log_every: int = 10
     checkpoint_every: int = 50
     max_steps: int | None = None
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "checkpoint_every"):
@@ -125,6 +129,7 @@ class TrainSection:
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"train.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
         _choice(self, "schedule", ("linear", "cosine", "constant"), "train")
+        _choice(self, "distributed", ("ddp", "fsdp"), "train")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 

@@ -9,6 +9,7 @@ model.safetensors (full / head), curves.png, and checkpoint/ for --resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -23,10 +24,10 @@ from torch import nn
 
 from .. import inject, summary
 from ..inject import InjectReport
-from ..files import save_adapter
-from . import checkpoint
+from ..files import _only_active, adapter_spec, write_adapter
+from . import checkpoint, distributed
 from .config import ConfigError, RunConfig, build_config
-from .tasks import Prepared, default_targets, evaluate, prepare, task_head
+from .tasks import Prepared, default_targets, evaluate, prepare, resolve_device, task_head
 
 RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "model.safetensors", "best.safetensors", "curves.png",
              checkpoint.NAME, checkpoint.NAME + ".old")
@@ -41,7 +42,8 @@ class Interrupted(RunError):
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path]:
-    """Refuse to clobber an earlier run; on resume, continue with the run's own saved config."""
+    """Refuse to clobber an earlier run; on resume, continue with the run's own saved config.
+    Changes nothing on disk (`clear_run` removes an old run that --overwrite replaces)."""
     run = Path(cfg.out)
     existing = run.is_dir() and any((run / f).exists() for f in RUN_FILES)
     if resume:
@@ -51,11 +53,13 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
         return build_config(saved), run
     if existing and not overwrite:
         raise RunError(f"{run} already holds a run; pass --overwrite to replace it or --resume to continue it")
-    if existing:
-        for f in RUN_FILES:
-            p = run / f
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return cfg, run
+
+
+def clear_run(run: Path) -> None:
+    for f in RUN_FILES:
+        p = run / f
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) -> InjectReport:
@@ -109,13 +113,16 @@ def schedule(cfg: RunConfig, total: int):
 
 
 class _Metrics:
-    """metrics.jsonl: one JSON record a line; `count` is how many the file holds."""
+    """metrics.jsonl: one JSON record a line; `count` is how many the file holds. write False: a
+    rank other than 0, which reads but never writes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, write: bool = True) -> None:
+        self.path, self.writes = path, write
         self.count = len(self.read())
 
     def write(self, **record: Any) -> None:
+        if not self.writes:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.count += 1
@@ -152,81 +159,122 @@ def _show_examples(task: Prepared, model: nn.Module, when: str, print_fn, n: int
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_fn=print,
           progress_bar: bool | None = None) -> dict[str, Any]:
-    """Run one training job; return the final metrics. Ctrl-C or SIGTERM saves a checkpoint first."""
+    """Run one training job; return the final metrics. Ctrl-C or SIGTERM saves a checkpoint first.
+
+    Under torchrun (WORLD_SIZE > 1) this is one rank of a distributed run (see `distributed`): every
+    rank trains its slice of each batch, rank 0 alone prints and writes, and all return the same metrics."""
     cfg, run = prepare_run_dir(cfg, resume, overwrite)
+    dist = distributed.setup(resolve_device(cfg.train.device), cfg.train.distributed)
+    try:
+        if not dist.main:
+            print_fn, progress_bar = (lambda *args, **kwargs: None), False
+        if overwrite and not resume:
+            dist.barrier()  # every rank has checked the folder before rank 0 empties it
+            if dist.main:
+                clear_run(run)
+        return _train(cfg, run, resume, dist, print_fn, progress_bar)
+    finally:
+        dist.close()
+
+
+def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, print_fn, progress_bar) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     task = prepare(cfg)
     model = task.model
     apply_method(cfg, task, print_fn)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if dist.rank:
+        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)  # rank k's own dropout masks
+    if not any(p.requires_grad for p in model.parameters()):
         raise RunError("no trainable parameters; check lora.method and lora.targets")
+    trained = distributed.wrap(model, dist, find_unused=cfg.lora.method != "lora")
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in sharded ones
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     train_split = task.splits["train"]
-    n_batches = len(train_split.batches(cfg.train.batch_size, 0, True))
+    n_batches = len(train_split.batches(cfg.train.batch_size * dist.world, 0, True))
     steps_per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg, total))
-    run.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(run / "metrics.jsonl")
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(run / "metrics.jsonl", write=dist.main)
     key = task.metric
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-    evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size)  # noqa: E731
+    evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size, dist)  # noqa: E731
 
     if resume:
         if any(r.get("event") == "test_after" for r in metrics.read()):
             raise RunError(f"the run in {run} already finished; nothing to resume")
-        progress, rng = checkpoint.load(run, model, optimizer, scheduler)
-        torch.set_rng_state(rng)
-        metrics.truncate(progress["metrics_lines"])
+        progress, rngs = checkpoint.load(run, model, optimizer, scheduler)
+        if len(rngs) != dist.world:
+            how = f"with --nproc {len(rngs)}" if len(rngs) > 1 else "in one process (no --nproc, no torchrun)"
+            raise RunError(f"the run in {run} was trained on {len(rngs)} process{'es' if len(rngs) > 1 else ''}, "
+                           f"this is {dist.world}; resume it {how}, as the data of each step depends on it")
+        torch.set_rng_state(rngs[dist.rank])
+        dist.barrier()  # every rank has read metrics.jsonl before rank 0 cuts it
+        if dist.main:
+            metrics.truncate(progress["metrics_lines"])
         print_fn(f"resuming {run} at epoch {progress['epoch'] + 1}, step {progress['step']}")
     else:
-        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if dist.main:
+            (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         before = evaluate_split("test")
         metrics.write(event="test_before", **before)
         print_fn(f"test {key} before training: {before[key]:.4f}")
         _show_examples(task, model, "before training", print_fn)
         progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "test_before": before}
-        rng = torch.get_rng_state()
 
     stop = {"signal": None}
 
-    def on_term(signum, frame):  # SIGTERM: stop at the next batch, like Ctrl-C
+    def on_signal(signum, frame):  # stop at the end of the step, like Ctrl-C
         stop["signal"] = signum
 
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    # One rank alone must not leave mid-step: the others would wait for it forever. So in a
+    # distributed run Ctrl-C, too, only raises the flag, and the ranks agree to stop at a step's end.
+    signals = [signal.SIGTERM] + ([signal.SIGINT] if dist.world > 1 else [])
+    previous = {s: signal.signal(s, on_signal) for s in signals} if _main_thread() else {}
     model.train()
     try:
-        _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
-              better, key, evaluate_split)
+        _loop(cfg, task, trained, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
+              better, key, evaluate_split, dist)
     except KeyboardInterrupt:
         if checkpoint.find(run) is None:
             raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in {run}") from None
+        nproc = f" --nproc {dist.world}" if dist.world > 1 else ""
         raise Interrupted(f"interrupted at step {progress['step']}; checkpoint saved — continue with "
-                          f"`lorakit train --resume --out {run}`") from None
+                          f"`lorakit train --resume --out {run}{nproc}`") from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
     best_path = run / "best.safetensors"
+    seen_by = dist.sum([float(best_path.exists())])[0]
+    if 0 < seen_by < dist.world:
+        raise RunError(f"{run} is not on storage every rank sees ({seen_by:.0f} of {dist.world} find "
+                       f"{best_path.name}); give --out a folder on a shared filesystem")
     if best_path.exists():
         from safetensors.torch import load_file
 
         named = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in load_file(best_path).items():
-                named[n].copy_(t)
+                named[n].copy_(distributed.shard_like(t, named[n]))
     after = evaluate_split("test")
     metrics.write(event="test_after", **after)
     _show_examples(task, model, "after training", print_fn)
     if cfg.lora.method == "lora":
-        save_adapter(model, run / "adapter", overwrite=True, print_fn=print_fn)
+        name = _only_active(model)
+        spec = adapter_spec(model, name)  # on every rank: under FSDP this gathers the shards
+        if dist.main:
+            write_adapter(model, spec, run / "adapter", name, overwrite=True, print_fn=print_fn)
     else:
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                  run / "model.safetensors")
-    plot(metrics.read(), run / "curves.png", key)
+        weights = checkpoint.trainable_state(model)
+        if dist.main:
+            save_file({n: t.contiguous().cpu() for n, t in weights.items()}, run / "model.safetensors")
+    if dist.main:
+        plot(metrics.read(), run / "curves.png", key)
+    dist.barrier()
     before = progress["test_before"]
     print_fn(f"test {key}: {before[key]:.4f} before → {after[key]:.4f} after")
     print_fn(f"run directory: {run} (config.json, metrics.jsonl, "
@@ -241,20 +289,25 @@ def _main_thread() -> bool:
 
 
 def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
-          better, key, evaluate_split) -> None:
+          better, key, evaluate_split, dist) -> None:
+    """Epochs of steps; `model` is what the training forward runs through (DDP wrapper or FSDP model).
+    A step takes grad_accum global batches; each rank trains on its slice (`Dist.shard`)."""
     from tqdm.auto import tqdm
 
     split = task.splits["train"]
     accum = cfg.train.grad_accum
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    raw = model.module if ddp else model
 
     def save(rng: torch.Tensor) -> None:
         progress["metrics_lines"] = metrics.count
-        checkpoint.save(run, model, optimizer, scheduler, progress, rng)
+        checkpoint.save(run, raw, optimizer, scheduler, progress, dist.gather(rng), write=dist.main)
+        dist.barrier()
 
     show = sys.stderr.isatty() if progress_bar is None else progress_bar
     rng_at_boundary = torch.get_rng_state()
     for epoch in range(progress["epoch"], cfg.train.epochs):
-        batches = split.batches(cfg.train.batch_size, epoch, True)
+        batches = split.batches(cfg.train.batch_size * dist.world, epoch, True)
         bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not show, unit="batch", dynamic_ncols=True)
         start, seen = time.perf_counter(), 0
@@ -263,16 +316,21 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
             group = batches[b:b + accum]
             try:
                 loss_sum = 0.0
-                for index in group:
-                    batch = split.collate(index)
-                    loss, _ = task.forward(model, batch)
-                    if not torch.isfinite(loss):
-                        raise RunError(f"loss became {loss.item()} at step {progress['step'] + 1} (epoch {epoch + 1}); "
-                                       f"stopped — the last good checkpoint is in {run / checkpoint.NAME}; "
-                                       f"try a lower train.lr")
-                    (loss / len(group)).backward()
-                    loss_sum += loss.item() / len(group)
-                    seen += batch.size
+                for i, index in enumerate(group):
+                    mine, weight = dist.shard(index)
+                    batch = split.collate(mine)
+                    # DDP averages gradients at the group's last backward only.
+                    last = i == len(group) - 1
+                    with model.no_sync() if ddp and not last else contextlib.nullcontext():
+                        loss, _ = task.forward(model, batch)
+                        (loss * (weight / len(group))).backward()
+                    loss_sum += loss.item() * weight / len(group) if weight else 0.0
+                    seen += len(index)
+                loss_sum, stopping = dist.sum([loss_sum / dist.world, float(stop["signal"] is not None)])
+                if not math.isfinite(loss_sum):
+                    raise RunError(f"loss became {loss_sum} at step {progress['step'] + 1} (epoch {epoch + 1}); "
+                                   f"stopped — the last good checkpoint is in {run / checkpoint.NAME}; "
+                                   f"try a lower train.lr")
                 if cfg.train.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 optimizer.step()
@@ -294,37 +352,43 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                 metrics.write(event="train", epoch=epoch + 1, step=progress["step"], loss=loss_sum, lr=lr,
                               examples_per_s=rate)
                 if not show:
-                    eta = (len(batches) - b) * cfg.train.batch_size / max(rate, 1e-9)
+                    eta = (len(batches) - b) * cfg.train.batch_size * dist.world / max(rate, 1e-9)
                     print_fn(f"  epoch {epoch + 1} step {progress['step']:>5}  loss {loss_sum:.4f}  "
                              f"lr {lr:.2e}  {rate:,.0f} examples/s  epoch eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if progress["step"] % cfg.train.checkpoint_every == 0:
                 save(rng_at_boundary)
-            if stop["signal"] is not None:
+            if stopping:
                 save(rng_at_boundary)
                 bar.close()
                 raise KeyboardInterrupt
             if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
                 break
         bar.close()
+        took = time.perf_counter() - start
         val = evaluate_split("val")
         metrics.write(event="val", epoch=epoch + 1, step=progress["step"], **val)
         improved = progress["best"] is None or better(val[key], progress["best"])
-        print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else ""))
+        print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else "")
+                 + f"  [{took // 60:.0f}m{took % 60:04.1f}s training on {dist.world} process"
+                 + ("es]" if dist.world > 1 else "]"))
         if improved:
             progress["best"] = val[key]
-            _save_best(run, model)
+            _save_best(run, raw, dist)
         progress.update(epoch=epoch + 1, batch=0)
         save(torch.get_rng_state())
         if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
             break
 
 
-def _save_best(run: Path, model: nn.Module) -> None:
+def _save_best(run: Path, model: nn.Module, dist: distributed.Dist) -> None:
     from safetensors.torch import save_file
 
-    tmp = run / ".best.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in checkpoint.trainable_state(model).items()}, tmp)
-    tmp.replace(run / "best.safetensors")
+    weights = checkpoint.trainable_state(model)  # on every rank: under FSDP this gathers the shards
+    if dist.main:
+        tmp = run / ".best.safetensors.tmp"
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp)
+        tmp.replace(run / "best.safetensors")
+    dist.barrier()
 
 
 def plot(records: list[dict], path: Path, key: str) -> None:

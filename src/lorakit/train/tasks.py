@@ -20,6 +20,7 @@ from .. import hub
 from ..models import ConvNet
 from . import data as D
 from .config import ConfigError, RunConfig
+from .distributed import Dist
 
 # Per architecture (config.model_type): LoRA targets and the head a new task trains in full.
 DEFAULT_TARGETS: dict[str, list | dict] = {
@@ -232,20 +233,26 @@ def _image(cfg: RunConfig) -> Prepared:
 
 
 @torch.no_grad()
-def evaluate(task: Prepared, model: nn.Module, split: str, batch_size: int) -> dict[str, float]:
-    """Mean loss and the task metric (accuracy or perplexity) on a split."""
+def evaluate(task: Prepared, model: nn.Module, split: str, batch_size: int, dist: Dist = Dist()) -> dict[str, float]:
+    """Mean loss and the task metric (accuracy or perplexity) on a split.
+
+    Distributed: each rank evaluates every N-th batch, and the sums Σ loss·count, correct and count
+    are added over ranks, so every rank returns the metrics of the whole split."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     s = task.splits[split]
-    for index in s.batches(batch_size, 0, False):
+    for index, counts in dist.eval_batches(s.batches(batch_size, 0, False)):
         batch = s.collate(index)
         loss, logits = task.forward(model, batch)
+        if not counts:
+            continue
         total_loss += loss.float().item() * batch.size
         count += batch.size
         if task.metric == "accuracy":
             correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
     model.train(was_training)
+    total_loss, correct, count = dist.sum([total_loss, correct, count])
     mean = total_loss / max(count, 1)
     if task.metric == "accuracy":
         return {"loss": mean, "accuracy": correct / max(count, 1)}
