@@ -107,11 +107,11 @@ def memory() -> dict[str, Any]:
     return out
 
 
-def run_pair(name: str, recipe: dict, overrides: list[str]) -> dict[str, Any]:
+def run_pair(name: str, recipe: dict, overrides: list[str], modes: tuple[str, ...] = ("none", "nf4")) -> dict[str, Any]:
     """The same run with the float base and with NF4: metric before/after and wall-clock."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for quantize in ("none", "nf4"):
+        for quantize in modes:
             cfg = build_config(recipe, [*overrides, "--model.quantize", quantize, "--out", f"{tmp}/{quantize}"])
             start = time.perf_counter()
             result = train(cfg, print_fn=lambda *a: print(f"[{name} {quantize}]", *a, flush=True), progress_bar=False)
@@ -128,9 +128,18 @@ def hamlet() -> dict[str, Any]:
             "reduction_ratio": drop["nf4"] / drop["none"] if drop["none"] else None}
 
 
-def sentiment(max_train: int | None) -> dict[str, Any]:
+def sentiment(max_train: int | None, reuse_float: bool) -> dict[str, Any]:
+    """With reuse_float (full budget only) the float run is taken from benchmarks/sentiment.json,
+    the same job on the same split measured by `python -m benchmarks.sentiment`."""
     overrides = ["--train.device", "cpu"] + (["--data.max_train", str(max_train)] if max_train else [])
-    runs = run_pair("sentiment", {}, overrides)
+    runs = run_pair("sentiment", {}, overrides, ("nf4",) if reuse_float else ("none", "nf4"))
+    if reuse_float:
+        if max_train:
+            raise SystemExit("--sentiment-reuse-float needs the full budget (no --sentiment-max-train)")
+        recorded = json.loads((HERE / "sentiment.json").read_text())
+        lora = next(r for r in recorded["results"] if r["method"] == "lora")
+        runs["none"] = {"before": lora["test_before"], "after": lora["test_after"], "wall_s": lora.get("seconds") or 0,
+                        "from": f"benchmarks/sentiment.json ({recorded['environment']['date']}, {recorded['command']})"}
     return {"runs": runs, "max_train": max_train,
             "command": "lorakit train [--model.quantize nf4]" + (f" --data.max_train {max_train}" if max_train else ""),
             "points": 100 * (runs["nf4"]["after"] - runs["none"]["after"])}
@@ -175,7 +184,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [title + ":", "", f"| base | {metric} before | after | wall-clock |", "|---|---:|---:|---:|"]
         for q, label in (("none", "fp32 (LoRA)"), ("nf4", "NF4 + DQ (QLoRA)")):
             x = r["runs"][q]
-            lines.append(f"| {label} | {fmt.format(x['before'])} | {fmt.format(x['after'])} | {x['wall_s'] / 60:.1f} min |")
+            wall = f"{x['wall_s'] / 60:.1f} min" if x.get("wall_s") else "—"
+            source = f" (recorded: {x['from']})" if x.get("from") else ""
+            lines.append(f"| {label}{source} | {fmt.format(x['before'])} | {fmt.format(x['after'])} | {wall} |")
         if part == "hamlet" and r.get("reduction_ratio") is not None:
             lines += ["", f"QLoRA's perplexity reduction is {100 * r['reduction_ratio']:.0f}% of LoRA's (goal ≥ 80%)."]
         if part == "sentiment":
@@ -201,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
     parser.add_argument("--sentiment-max-train", type=int, default=None)
+    parser.add_argument("--sentiment-reuse-float", action="store_true",
+                        help="take the float sentiment run from benchmarks/sentiment.json instead of re-running it")
     parser.add_argument("--step", choices=["none", "nf4"], help=argparse.SUPPRESS)  # the memory child process
     args = parser.parse_args()
     if args.step:
@@ -216,7 +229,7 @@ def main() -> None:
     results["command"] = "python -m benchmarks.qlora " + " ".join(sys.argv[1:])
     for part in parts:
         start = time.perf_counter()
-        results[part] = (sentiment(args.sentiment_max_train) if part == "sentiment" else globals()[part]())
+        results[part] = (sentiment(args.sentiment_max_train, args.sentiment_reuse_float) if part == "sentiment" else globals()[part]())
         results[part]["measured"] = {"date": results["environment"]["date"], "seconds": time.perf_counter() - start,
                                      "command": results["command"]}
         tmp = path.with_suffix(".json.tmp")
