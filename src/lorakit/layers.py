@@ -6,7 +6,9 @@ For a base weight W0 the adapted layer computes
 
 with A: (r, in) random and B: (out, r) zero, so a fresh adapter changes nothing. Only A and B
 train. One `LoraLayer` wraps any supported base (Linear, Hugging Face Conv1D, Conv2d, Embedding)
-by composition; what differs between them is captured by a `Geometry`.
+by composition; what differs between them is captured by a `Geometry`. A bitsandbytes 4-bit
+`Linear4bit` (QLoRA's NF4 base, see quant.py) is a Linear here too: it computes W0·x itself, and only
+merging has to dequantize and re-quantize its weight.
 
 A fused projection (GPT-2's `c_attn` computes q, k and v with one 768→2304 weight) can be adapted
 on some output slices only: each slice gets its own rank-r pair (A_i, B_i). The A_i are stacked

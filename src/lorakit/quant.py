@@ -133,7 +133,7 @@ def quantize_base(
     before = after = 0
     for name, module in chosen.items():
         q = to_nf4(module, double_quant=double_quant, compute_dtype=compute_dtype, block_size=block_size)
-        before += module.weight.numel() * 4
+        before += module.weight.numel() * module.weight.element_size()
         after += nf4_bytes(q)
         _set_submodule(model, name, q)
     return QuantReport(list(chosen), block_size, double_quant, compute_dtype, before, after)
