@@ -224,14 +224,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown part {unknown[0]!r}; parts: {', '.join(PARTS)}")
     path = HERE / "qlora.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results["environment"] = environment()
-    results["command"] = "python -m benchmarks.qlora " + " ".join(sys.argv[1:])
+    env, command = environment(), "python -m benchmarks.qlora " + " ".join(sys.argv[1:])
     for part in parts:
         start = time.perf_counter()
-        results[part] = (sentiment(args.sentiment_max_train, args.sentiment_reuse_float) if part == "sentiment" else globals()[part]())
-        results[part]["measured"] = {"date": results["environment"]["date"], "seconds": time.perf_counter() - start,
-                                     "command": results["command"]}
+        result = (sentiment(args.sentiment_max_train, args.sentiment_reuse_float) if part == "sentiment"
+                  else globals()[part]())
+        result["measured"] = {"date": env["date"], "seconds": time.perf_counter() - start, "command": command}
+        results = json.loads(path.read_text()) if path.exists() else {}  # other parts stay as measured
+        results.update({"environment": env, "command": command, part: result})
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(path)

@@ -266,6 +266,7 @@ def test_quantize_config_values():
     from lorakit.train.config import ConfigError, build_config
 
     assert build_config({}, ["--model.quantize", "nf4"]).model.quantize == "nf4"
+    assert build_config({"model": {"quantize": "nf4"}}, ["--model.quantize", "none"]).model.quantize == "none"
     assert build_config({}, ["--model.double_quant", "false"]).model.double_quant is False
     with pytest.raises(ConfigError, match="model.quantize must be one of none, nf4; got 'int8'"):
         build_config({}, ["--model.quantize", "int8"])

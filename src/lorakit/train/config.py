@@ -270,6 +270,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if value is None and "none" in args:  # `--model.quantize none` reads as None, like every override
+            return "none"
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
