@@ -158,7 +158,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| format | MiB | bytes / weight | × fp32 |", "|---|---:|---:|---:|"]
         lines += [f"| {r['format']} | {r['bytes'] / 2**20:.2f} | {r['bytes_per_weight']:.4f} | {r['x_fp32']:.4f} |"
                   for r in s["rows"]]
-        lines += [_measured(s), ""]
+        lines += ["", _measured(s), ""]
     if "memory" in results:
         m = results["memory"]
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
