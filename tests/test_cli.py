@@ -185,6 +185,7 @@ def test_sigint_from_outside_checkpoints_and_resumes(reviews, tmp_path):
     (["--model.path", "EMPTY_MODEL_DIR"], "holds no weights"),
     (["--train.epochs", "two"], "train.epochs must be an integer, got 'two'"),
     (["--lora.nonsense", "1"], "unknown key lora.nonsense"),
+    (["--model.quantize", "int8"], "model.quantize must be one of none, nf4; got 'int8'"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(reviews, tmp_path, capsys, extra, message):
     if "EMPTY_MODEL_DIR" in extra:
@@ -257,6 +258,47 @@ def test_causal_lm_lowers_perplexity_and_generates(tiny_llama_dir, tmp_path, cap
     assert after < before
     code, out, _ = run_cli(["generate", str(run), "--prompt", "To be, or not", "--max-new-tokens", "5"], capsys)
     assert code == 0 and "--- without adapter:" in out and "--- with adapter:" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64_dir(tmp_path_factory, smollm2_dir):
+    """Like tiny_llama_dir, but 64 wide: every Linear reads whole 64-value NF4 blocks per row."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama64")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
+    return path
+
+
+def test_qlora_run_evaluates_on_the_float_base_and_merges_to_float(tiny_llama64_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "qlm"
+    code, out, err = run_cli(["train", "recipes/causal-lm.toml", "--model.path", str(tiny_llama64_dir),
+                              "--model.quantize", "nf4", "--data.block_size", "32", "--data.max_train", "48",
+                              "--train.batch_size", "8", "--train.lr", "1e-2", "--lora.r", "4", "--out", str(run)],
+                             capsys)
+    assert code == 0, err
+    assert "quantized 14 Linear layers to NF4 + double quant" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["perplexity"] < records[0]["perplexity"]
+    code, out, err = run_cli(["eval", str(run)], capsys)
+    on_nf4 = json.loads(out)
+    assert code == 0 and on_nf4["quantize"] == "nf4" and "base_mismatch" not in on_nf4
+    assert on_nf4["perplexity"] == pytest.approx(records[-1]["perplexity"], rel=1e-4)
+    code, out, err = run_cli(["eval", str(run), "--quantize", "none"], capsys)
+    on_float = json.loads(out)
+    assert code == 0 and on_float["quantize"] == "none" and "NF4 + double quant copy" in on_float["base_mismatch"][0]
+    assert "lorakit: note:" in err and on_float["perplexity"] != on_nf4["perplexity"]
+    code, out, err = run_cli(["merge", str(run), "--out", str(tmp_path / "merged")], capsys)
+    assert code == 0 and "dequantized to fp32" in out
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 def test_image_recipe_trains_and_lora_adapts_it(tmp_path, capsys):

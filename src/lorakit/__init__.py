@@ -7,7 +7,8 @@ from .adapters import (
 from .files import AdapterFileError, fingerprint, hot_swap, load_adapter, read_adapter, save_adapter
 from .inject import InjectReport, Replacement, Summary, freeze, inject, output_head, resolve_targets, summary
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, is_hf_conv1d, kind_of
-from .merge import lora_layers, merge, merge_and_unload, unmerge
+from .merge import MergeReport, lora_layers, merge, merge_and_unload, unmerge
+from .quant import QuantReport, StorageTable, dequantize, is_quantized, quantize_base, storage_table
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "Geometry", "InjectReport", "LoraAdapter", "LoraConfig", "LoraLayer", "Replacement", "Summary",
     "freeze", "inject", "is_hf_conv1d", "kind_of", "lora_layers", "merge", "merge_and_unload",
     "output_head", "resolve_targets", "summary", "unmerge",
+    "MergeReport", "QuantReport", "StorageTable", "dequantize", "is_quantized", "quantize_base", "storage_table",
 ]

@@ -45,8 +45,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def load_run(run: str, with_adapter: bool = True):
-    """The run's config, task data and model, with the run's adapter (or weights) applied."""
+def load_run(run: str, with_adapter: bool = True, quantize: str | None = None):
+    """The run's config, task data and model, with the run's adapter (or weights) applied.
+
+    quantize: base precision to load instead of the run's own model.quantize ("none" or "nf4")."""
     from .files import load_adapter
     from .train.config import build_config
     from .train.recipe import RunError
@@ -55,7 +57,10 @@ def load_run(run: str, with_adapter: bool = True):
     path = Path(run)
     if not (path / "config.json").is_file():
         raise RunError(f"{path} is not a run directory (no config.json); give the --out folder of `lorakit train`")
-    cfg = build_config(json.loads((path / "config.json").read_text()))
+    saved = json.loads((path / "config.json").read_text())
+    if quantize is not None:
+        saved.setdefault("model", {})["quantize"] = quantize
+    cfg = build_config(saved)
     task = prepare(cfg)
     if with_adapter:
         if (path / "adapter").is_dir():
@@ -73,9 +78,19 @@ def load_run(run: str, with_adapter: bool = True):
 def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     from .train.tasks import evaluate
 
-    cfg, task = load_run(args.run, with_adapter=not args.base)
+    import warnings
+
+    from .files import BaseMismatch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BaseMismatch)
+        cfg, task = load_run(args.run, with_adapter=not args.base, quantize=args.quantize)
+    notes = [str(w.message) for w in caught if issubclass(w.category, BaseMismatch)]
+    for note in notes:
+        print(f"lorakit: note: {note}", file=sys.stderr)
     result = evaluate(task, task.model, args.split, cfg.train.eval_batch_size)
-    print(json.dumps({"run": args.run, "split": args.split, "adapter": not args.base, **result}))
+    print(json.dumps({"run": args.run, "split": args.split, "adapter": not args.base,
+                      "quantize": cfg.model.quantize, **result, **({"base_mismatch": notes} if notes else {})}))
     return 0
 
 
@@ -132,6 +147,8 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
+    import torch
+
     from .merge import merge_and_unload
     from .train.recipe import RunError
 
@@ -139,7 +156,10 @@ def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise RunError(f"{out} is not empty; pass --overwrite to write into it")
     cfg, task = load_run(args.run)
-    model = merge_and_unload(task.model)
+    quantized = cfg.model.quantize != "none"
+    model = merge_and_unload(task.model, dtype=torch.float32 if quantized else None)
+    if quantized:
+        print(f"lorakit: the {cfg.model.quantize} base was dequantized to fp32 and the adapter added exactly")
     if cfg.task == "image":
         from safetensors.torch import save_file
 
@@ -216,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `lorakit train`")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--base", action="store_true", help="evaluate the base model without the adapter")
+    p.add_argument("--quantize", choices=["none", "nf4"],
+                   help="load the base in this precision instead of the run's (none: an NF4-trained adapter on "
+                        "the float base, with the mismatch reported)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="label texts with a classification run")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .adapters import _holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, weight_digest
+from .quant import dequantize, is_quantized, nf4_roundtrip
 
 FORMAT_VERSION = "1.0"
 CONFIG_NAME = "adapter_config.json"
@@ -43,6 +44,10 @@ _PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "target_parameters":
 
 class AdapterFileError(ValueError):
     """An adapter directory that cannot be loaded onto this model; nothing was changed."""
+
+
+class BaseMismatch(UserWarning):
+    """An adapter loaded onto a base that differs from the one it was trained on (quantization, force=True)."""
 
 
 @dataclass
@@ -59,19 +64,53 @@ class AdapterSpec:
 # ---------------------------------------------------------------- fingerprint
 
 
-def fingerprint(model: nn.Module, layer_names: list[str]) -> dict:
-    """Architecture, adapted-layer shapes and a hash of their frozen (unmerged) weights."""
+def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = None) -> dict:
+    """Architecture, adapted-layer shapes and a hash of their frozen (unmerged) weights.
+
+    A 4-bit base layer is hashed by its dequantized weight and the fingerprint gains a
+    "quantization" entry (method, block_size, double_quant). `as_nf4` (such an entry) hashes float
+    layers as they would be after that quantization, to recognise the float base an NF4-trained
+    adapter came from."""
     h = hashlib.sha256()
-    shapes = {}
+    shapes, quantized = {}, []
     for name in sorted(layer_names):
         module = model.get_submodule(name)
-        if isinstance(module, LoraLayer):
-            digest, weight = module.base_digest(), module.base.weight
+        base = module.base if isinstance(module, LoraLayer) else module
+        if is_quantized(base):
+            qs = base.weight.quant_state
+            quantized.append({"method": qs.quant_type, "block_size": qs.blocksize, "double_quant": bool(qs.nested)})
+            digest = module.base_digest() if isinstance(module, LoraLayer) else weight_digest(dequantize(base))
+            shape = [base.out_features, base.in_features]
         else:
-            digest, weight = weight_digest(module.weight), module.weight
+            weight = base.weight if as_nf4 is None else nf4_roundtrip(base.weight, as_nf4["block_size"],
+                                                                      as_nf4["double_quant"])
+            digest = module.base_digest() if isinstance(module, LoraLayer) and as_nf4 is None else weight_digest(weight)
+            shape = list(base.weight.shape)
         h.update(f"{name}:{digest}".encode())
-        shapes[name] = list(weight.shape)
-    return {"architecture": type(model).__name__, "shapes": shapes, "weights_sha256": h.hexdigest()}
+        shapes[name] = shape
+    out = {"architecture": type(model).__name__, "shapes": shapes, "weights_sha256": h.hexdigest()}
+    if quantized:
+        out["quantization"] = quantized[0]
+    return out
+
+
+def _base_check(saved: dict, model: nn.Module, layers: list[str]) -> tuple[bool, str]:
+    """(fits, message): whether an adapter's recorded base matches `model`, and what differs.
+
+    An adapter trained on an NF4 copy of this very float base fits, with a message saying so."""
+    ours = fingerprint(model, layers)
+    if saved.get("architecture") != ours["architecture"]:
+        return False, f"architecture {saved.get('architecture')!r} vs {ours['architecture']!r}"
+    if saved.get("weights_sha256") == ours["weights_sha256"]:
+        return True, ""
+    theirs_q, ours_q = saved.get("quantization"), ours.get("quantization")
+    if theirs_q and not ours_q and fingerprint(model, layers, as_nf4=theirs_q)["weights_sha256"] == saved["weights_sha256"]:
+        dq = " + double quant" if theirs_q.get("double_quant") else ""
+        return True, (f"it was trained on an NF4{dq} copy (blocks of {theirs_q.get('block_size')}) of this float base; "
+                      f"applied to the float weights its outputs differ from training by the quantization error")
+    if ours_q and not theirs_q:
+        return False, "this base is quantized to NF4 and the adapter was trained on different (float) weights"
+    return False, "the frozen weights of the adapted layers differ"
 
 
 # ---------------------------------------------------------------- save
@@ -464,15 +503,14 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
         raise AdapterFileError(f"adapter in {where} does not fit {type(model).__name__}: " + "; ".join(problems[:6])
                                + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
     if spec.base is not None:
-        ours = fingerprint(model, list(spec.layers))
-        diff = [k for k in ("architecture", "weights_sha256") if spec.base.get(k) != ours[k]]
-        if diff:
-            what = (f"architecture {spec.base.get('architecture')!r} vs {ours['architecture']!r}"
-                    if "architecture" in diff else "the frozen weights of the adapted layers differ")
+        fits, what = _base_check(spec.base, model, list(spec.layers))
+        if fits and what:
+            warnings.warn(f"adapter in {where}: {what}", BaseMismatch, stacklevel=3)
+        elif not fits:
             message = f"adapter in {where} was trained on a different base model ({what})"
             if not force:
                 raise AdapterFileError(message + "; pass force=True to load it anyway")
-            warnings.warn(message + "; loading anyway because force=True", stacklevel=3)
+            warnings.warn(message + "; loading anyway because force=True", BaseMismatch, stacklevel=3)
     return plan
 
 

@@ -6,7 +6,9 @@ For a base weight W0 the adapted layer computes
 
 with A: (r, in) random and B: (out, r) zero, so a fresh adapter changes nothing. Only A and B
 train. One `LoraLayer` wraps any supported base (Linear, Hugging Face Conv1D, Conv2d, Embedding)
-by composition; what differs between them is captured by a `Geometry`.
+by composition; what differs between them is captured by a `Geometry`. A bitsandbytes 4-bit
+`Linear4bit` (QLoRA's NF4 base, see quant.py) is a Linear here too: it computes W0·x itself, and only
+merging has to dequantize and re-quantize its weight.
 
 A fused projection (GPT-2's `c_attn` computes q, k and v with one 768→2304 weight) can be adapted
 on some output slices only: each slice gets its own rank-r pair (A_i, B_i). The A_i are stacked
@@ -26,6 +28,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .quant import dequantize, is_quantized, requantize
 
 Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
 Init = Literal["kaiming", "gaussian"]
@@ -320,23 +324,39 @@ class LoraLayer(nn.Module):
         return torch.bmm(u, up.transpose(1, 2)).reshape(*x.shape[:-1], g.out_features)  # (B, ..., out)
 
     def base_digest(self) -> str:
-        """`weight_digest` of W0, remembered before the first merge changes the weight."""
+        """`weight_digest` of W0 (a 4-bit base: of its dequantized weight), remembered before the
+        first merge changes the weight."""
         if self._digest is None:
             assert not self.merged, "digest must be taken before merging"
-            self._digest = weight_digest(self.base.weight)
+            self._digest = weight_digest(dequantize(self.base) if is_quantized(self.base) else self.base.weight)
         return self._digest
 
     @torch.no_grad()
-    def merge(self, name: str) -> None:
-        """W0 += s·ΔW, computed in fp32 and cast back. A merged adapter is not merged again."""
-        if name not in self.merged:
-            self.base_digest()
-            self._add_to_weight(self.adapters[name].delta_weight())
-            self.merged.append(name)
+    def merge(self, name: str) -> float | None:
+        """W0 += s·ΔW, computed in fp32 and cast back. A merged adapter is not merged again.
+
+        A 4-bit base is dequantized, W0 + s·ΔW formed in fp32 and quantized again; the return value
+        is the max abs weight error that re-quantization added (None for a float base)."""
+        if name in self.merged:
+            return None
+        self.base_digest()
+        delta = self.adapters[name].delta_weight()
+        self.merged.append(name)
+        if is_quantized(self.base):
+            return requantize(self.base, dequantize(self.base) + delta.to(self.base.weight.device))
+        self._add_to_weight(delta)
+        return None
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take every merged adapter back out of W0, last merged first."""
+        """Take every merged adapter back out of W0, last merged first.
+
+        Refused on a 4-bit base: the merge re-quantized W0 + s·ΔW, so subtracting s·ΔW would not
+        give W0 back."""
+        if self.merged and is_quantized(self.base):
+            raise ValueError(f"cannot unmerge {self.merged} from a 4-bit base: merging re-quantized W0 + s·ΔW, "
+                             f"so W0 cannot be recovered; reload the base (or merge into a float copy with "
+                             f"merge_and_unload(model, dtype=torch.float32))")
         while self.merged:
             self._add_to_weight(-self.adapters[self.merged.pop()].delta_weight())
 

@@ -1,15 +1,44 @@
 """Merge adapters into the frozen weights (no extra inference cost) and take them out again.
 
 Merging is explicit — never a side effect of `train()` or `eval()`. W ← W + s·B·A is computed in fp32
-and cast back to W's dtype.
+and cast back to W's dtype. Into a 4-bit (NF4) base it cannot be exact: W0 is dequantized, W0 + s·ΔW
+formed in fp32 and quantized again, and the error that adds is returned and warned, never silent;
+`merge_and_unload(model, dtype=torch.float32)` merges into a float copy instead, exactly.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
 
 from .inject import _set_submodule
 from .layers import LoraLayer, SavedModule
+from .quant import dequantized_copy, is_quantized
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge changed beyond W0 + s·ΔW. Empty for float bases (exact to fp32 rounding).
+
+    requant_error: per layer with a 4-bit base, max |dequantize(W') - (W0 + s·ΔW)| after re-quantizing.
+    output_error: with a probe batch, max |merged output - unmerged output| (e.g. logits)."""
+
+    requant_error: dict[str, float] = field(default_factory=dict)
+    output_error: float | None = None
+
+    @property
+    def max_weight_error(self) -> float:
+        return max(self.requant_error.values(), default=0.0)
+
+    def __str__(self) -> str:
+        if not self.requant_error:
+            return "lorakit: merged exactly (float base weights)"
+        out = "" if self.output_error is None else f", output changed by up to {self.output_error:.3g} on the probe batch"
+        return (f"lorakit: merged into {len(self.requant_error)} NF4 layers by dequantize → add → re-quantize: "
+                f"weights off W0 + s·ΔW by up to {self.max_weight_error:.3g} (max abs){out}")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -24,20 +53,43 @@ def _require_lora(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return layers
 
 
-def merge(model: nn.Module, adapter: str | None = None) -> None:
+def merge(model: nn.Module, adapter: str | None = None, probe: Tensor | dict | None = None) -> MergeReport:
     """Fold an adapter (default: each layer's active one) into the base weights. Idempotent.
 
     A weight shared with another module (tied input and output embeddings) is refused: merging
-    would change the other module too."""
+    would change the other module too. On 4-bit bases the re-quantization error is returned and
+    warned; with `probe` (an input tensor, or a dict of keyword inputs) the report also holds the
+    largest change of the model's output (`.logits` when it has them) that merging caused."""
     layers = _require_lora(model)
     _refuse_tied(model, layers)
+    plan = []
     for name, layer in layers:
         chosen = adapter if adapter is not None else layer.active
         if chosen is None:
             continue
         if chosen not in layer.adapters:
             raise ValueError(f"layer {name!r} has no adapter {chosen!r}; it has: {', '.join(layer.adapters)}")
-        layer.merge(chosen)
+        plan.append((name, layer, chosen))
+    before = _run_probe(model, probe) if probe is not None else None
+    errors = {}
+    for name, layer, chosen in plan:
+        error = layer.merge(chosen)
+        if error is not None:
+            errors[name] = error
+    output_error = None
+    if before is not None:
+        output_error = (_run_probe(model, probe).float() - before.float()).abs().max().item()
+    report = MergeReport(errors, output_error)
+    if errors:
+        warnings.warn(f"{report}; unmerge is no longer possible — for an exact merge use "
+                      f"merge_and_unload(model, dtype=torch.float32)", stacklevel=2)
+    return report
+
+
+@torch.no_grad()
+def _run_probe(model: nn.Module, probe: Tensor | dict) -> Tensor:
+    out = model(**probe) if isinstance(probe, dict) else model(probe)
+    return getattr(out, "logits", out)
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -60,16 +112,39 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge, then put each original layer back in place of its LoRA wrapper.
 
     The returned model (the same object) is made only of the original layer types — a module in
     `modules_to_save` is replaced by the adapter's trained copy — and its state_dict loads with
-    strict=True into a freshly built base model."""
+    strict=True into a freshly built base model. With `dtype` (e.g. torch.float32 or bfloat16) every
+    4-bit layer of the model is first replaced by an fp32 nn.Linear holding its dequantized weight,
+    the adapter is added to it exactly, and those layers are then cast to `dtype`: no 4-bit layer
+    is left. Without it, a 4-bit base is merged by re-quantizing (see `merge`)."""
+    dequantized = _dequantize_all(model) if dtype is not None else []
     merge(model, adapter)
+    for linear in dequantized:
+        linear.to(dtype)
     for name, layer in lora_layers(model):
         _set_submodule(model, name, layer.base)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]:
         chosen = adapter if adapter is not None else module.active
         _set_submodule(model, name, module.adapters[chosen] if chosen in module.adapters else module.original)
     return model
+
+
+def _dequantize_all(model: nn.Module) -> list[nn.Linear]:
+    """Replace every 4-bit layer (LoRA bases included) by an fp32 nn.Linear holding its dequantized
+    weight; a LoRA layer with adapters already merged into its 4-bit weight is refused."""
+    found = [(n, m) for n, m in model.named_modules() if is_quantized(m)]
+    holders = {n: model.get_submodule(n.rpartition(".")[0]) for n, _ in found}
+    for name, holder in holders.items():
+        if isinstance(holder, LoraLayer) and holder.merged:
+            raise ValueError(f"{name.rpartition('.')[0]!r} already has {holder.merged} merged into its 4-bit weight")
+    out = []
+    for name, module in found:
+        if isinstance(holders[name], LoraLayer):
+            holders[name].base_digest()
+        out.append(linear := dequantized_copy(module))
+        _set_submodule(model, name, linear)
+    return out

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..layers import BIASES
+from ..quant import QUANTIZE, Quantize
 
 Task = Literal["classify", "causal-lm", "image"]
 Method = Literal["lora", "full", "head"]
@@ -33,13 +34,19 @@ class ConfigError(ValueError):
 class ModelConfig:
     """path: a Hugging Face model directory (None: the packaged model for the task — all-MiniLM-L6-v2
     for classify, SmolLM2-135M for causal-lm, a small ConvNet for image).
-    max_length: tokens kept per text example."""
+    max_length: tokens kept per text example.
+    quantize: "nf4" stores the frozen Linear layers in 4-bit NormalFloat (QLoRA; the task head and
+    embeddings stay float), "none" keeps the model as loaded. double_quant: with nf4, store the
+    per-block scales in 8 bits too."""
 
     path: str | None = None
     max_length: int = 64
+    quantize: Quantize = "none"
+    double_quant: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "max_length", "model")
+        _choice(self, "quantize", QUANTIZE, "model")
 
 
 @dataclass
@@ -147,6 +154,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "task", TASKS, "")
+        if self.model.quantize != "none" and self.lora.method == "full":
+            raise ConfigError(f"model.quantize = {self.model.quantize} freezes the base in 4 bits, so lora.method = full "
+                              f"cannot train it; use lora.method = lora or head")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,6 +275,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if value is None and "none" in args:  # `--model.quantize none` reads as None, like every override
+            return "none"
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

@@ -81,6 +81,8 @@ def head_of(cfg: RunConfig, task: Prepared) -> list[str]:
 def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
     """Make the right parameters trainable: LoRA adapters (+ head), everything, or the head only."""
     model = task.model
+    if task.quant is not None:
+        print_fn(task.quant)
     if cfg.lora.method == "lora":
         print_fn(inject_from_config(cfg, task))
     elif cfg.lora.method == "full":

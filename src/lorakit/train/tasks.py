@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import hub
 from ..models import ConvNet
+from ..quant import QuantReport, quantize_base
 from . import data as D
 from .config import ConfigError, RunConfig
 from .distributed import Dist
@@ -62,6 +63,7 @@ class Prepared:
     texts: dict[str, list[str]] = field(default_factory=dict)  # for showing examples
     device: torch.device = torch.device("cpu")
     bf16: bool = False
+    quant: QuantReport | None = None  # what model.quantize converted
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """(mean loss, logits) of a batch, on the task's device, under bf16 autocast if asked."""
@@ -116,9 +118,23 @@ def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
     build = {"classify": _classify, "causal-lm": _causal}.get(cfg.task)
     task = build(cfg, with_model) if build else _image(cfg)
     task.device, task.bf16 = device, cfg.train.bf16
+    if task.model is not None and cfg.model.quantize == "nf4":
+        task.quant = quantize_frozen(cfg, task)
     if task.model is not None:
         task.model.to(device)
     return task
+
+
+def quantize_frozen(cfg: RunConfig, task: Prepared) -> QuantReport:
+    """QLoRA's base: every Linear except the output head and the modules that train in full, in NF4,
+    computing in bf16 when the run autocasts to it."""
+    saved = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, task.arch)
+    exclude = [n for n, _ in task.model.named_modules() if any(n == s or n.endswith("." + s) for s in saved)]
+    try:
+        return quantize_base(task.model, "all-linear", exclude=exclude, double_quant=cfg.model.double_quant,
+                             compute_dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.quantize = {cfg.model.quantize}: {e}") from None
 
 
 def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
