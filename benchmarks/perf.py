@@ -13,14 +13,14 @@ the backward through its activations. It is measured on the same model with ever
 the head, and the embedding output made to require grad (a forward hook), so autograd walks back through
 every layer without computing any frozen weight's gradient. A step is forward + loss + backward (no
 optimizer step; gradients are set to None before each step, outside the timed region), with
-`torch.manual_seed(step)` before it so every model draws the same dropout masks. The variants of a case
-run round-robin, the starting variant rotating each round, after warm-up steps; times are medians.
+`torch.manual_seed(step)` before it so every model starts the step from the same random state. The variants
+of a case run round-robin, the starting variant rotating each round, after warm-up steps; times are medians.
 
 Peak memory of a training step is measured for every variant in a separate process (forked from a server
-that has imported torch, transformers and peft, and nothing else): on CPU the peak resident set size
-(`ru_maxrss`) after the steps, and the resident size after building the model and batch, with the kernel's
-peak counter reset at that point (/proc/self/clear_refs), so the difference is the memory the steps add;
-on CUDA `torch.cuda.max_memory_allocated` and `memory_allocated` instead.
+that imported torch, transformers, peft and lorakit when the run began, and built nothing): on CPU the peak
+resident set size (`ru_maxrss`) after the steps, and the resident size after building the model and batch,
+with the kernel's peak counter reset at that point (/proc/self/clear_refs), so the difference is the memory
+the steps add; on CUDA `torch.cuda.max_memory_allocated` and `memory_allocated` instead.
 
 The numbers go to a section of results.md and, raw, to perf.json beside it (perf-<device>-<dtype>.json for
 anything but CPU fp32). The end-to-end goal (the sentiment job against PEFT + Trainer) is
@@ -33,6 +33,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import multiprocessing
@@ -445,21 +446,30 @@ def probe_memory(case: Case, variant: Variant, device: str, dtype_name: str, ste
             "built_mb": built / MB, "peak_mb": peak / MB, "step_mb": (peak - built) / MB, "peak_reset": reset}
 
 
-def run_memory(todo: list[Case], device: str, dtype_name: str, steps: int, parallel: int,
-               log: Callable[..., None]) -> list[dict[str, Any]]:
-    """One fresh process per (case, variant), forked from a server that has only imported the libraries."""
-    jobs = [(case, v) for case in todo for v in train_variants(case)]
+PRELOAD = ["torch", "transformers", "peft", "lorakit", "benchmarks.perf", "transformers.models.bert.modeling_bert",
+           "transformers.models.llama.modeling_llama"]
+
+
+def probe_pool(parallel: int) -> ProcessPoolExecutor:
+    """Workers that each run one task in a fresh process, forked from a server that imports the libraries
+    (and lorakit's code as it is now, the code the timings run) before this returns, and nothing else."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "lorakit", "benchmarks.perf",
-                                "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama"])
+    ctx.set_forkserver_preload(PRELOAD)
+    pool = ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, max_tasks_per_child=1)
+    pool.submit(os.getpid).result()
+    return pool
+
+
+def run_memory(pool: ProcessPoolExecutor, todo: list[Case], device: str, dtype_name: str, steps: int,
+               log: Callable[..., None]) -> list[dict[str, Any]]:
+    """`probe_memory` for every (case, variant), each in its own process."""
+    jobs = [(case, v) for case in todo for v in train_variants(case)]
+    futures = [pool.submit(probe_memory, case, v, device, dtype_name, steps) for case, v in jobs]
     out = []
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(probe_memory, case, v, device, dtype_name, steps) for case, v in jobs]
-        for (case, v), f in zip(jobs, futures):
-            out.append(f.result())
-            r = out[-1]
-            log(f"memory {case.name} {v.name}: built {r['built_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, "
-                f"step {r['step_mb']:.0f} MB")
+    for (case, v), f in zip(jobs, futures):
+        out.append(r := f.result())
+        log(f"memory {case.name} {v.name}: built {r['built_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, "
+            f"step {r['step_mb']:.0f} MB")
     return out
 
 
@@ -476,15 +486,19 @@ def ratio_row(what: str, reference: str, ref_ms: dict[str, float], ms: dict[str,
 
 
 def speed_rows(results: dict[str, dict[str, Any]], by_name: dict[str, Case]) -> list[dict[str, Any]]:
+    """The speed table, from the medians of the cases that ran; goals and PEFT's figures are the issue's."""
+    def medians(name: str) -> dict[str, float]:
+        return {n: v["median_ms"] for n, v in results[name]["variants"].items()}
+
     rows = []
     if "minilm-train" in results:
-        case, med = by_name["minilm-train"], {n: v["median_ms"] for n, v in results["minilm-train"]["variants"].items()}
+        case, med = by_name["minilm-train"], medians("minilm-train")
         names = {lora.dropout: (f"lorakit dropout {lora.dropout:g}", f"peft dropout {lora.dropout:g}")
                  for lora in case.loras}
+        floor = {"lorakit": med["floor"], "peft": med["floor"]}
         for (d, (lk, pf)), goal, issue in zip(names.items(), (1.02, None), ("1.01×", "1.10×")):
             rows.append(ratio_row(f"training step: {MODEL_NAMES[case.model]} B={case.batch} T={case.seq}, LoRA "
-                                  f"query,value r=8, dropout {d:g}", "floor",
-                                  {"lorakit": med["floor"], "peft": med["floor"]},
+                                  f"query,value r=8, dropout {d:g}", "floor", floor,
                                   {"lorakit": med[lk], "peft": med[pf]}, goal, issue))
         (lk0, pf0), (lk1, pf1) = names.values()
         rows.append(ratio_row(f"cost of dropout {case.loras[1].dropout:g} (same case)", "same library, dropout 0",
@@ -492,26 +506,26 @@ def speed_rows(results: dict[str, dict[str, Any]], by_name: dict[str, Case]) -> 
                               1.03, "1.09×"))
         if case.full:
             rows.append(ratio_row(f"full fine-tuning of {MODEL_NAMES[case.model]}, same batch (plain PyTorch, every "
-                                  f"weight trains; in the lorakit column)", "floor",
-                                  {"lorakit": med["floor"], "peft": med["floor"]},
+                                  f"weight trains; in the lorakit column)", "floor", floor,
                                   {"lorakit": med["full"], "peft": None}, None, "1.48×"))
     if "smollm2-train" in results:
-        case, med = by_name["smollm2-train"], {n: v["median_ms"] for n, v in results["smollm2-train"]["variants"].items()}
+        case, med = by_name["smollm2-train"], medians("smollm2-train")
         lora = case.loras[0]
         rows.append(ratio_row(f"training step: {MODEL_NAMES[case.model]} B={case.batch} T={case.seq}, LoRA on all "
                               f"{len(lora.targets)} linear kinds r={lora.r}, dropout {lora.dropout:g}", "floor",
                               {"lorakit": med["floor"], "peft": med["floor"]},
                               {"lorakit": med["lorakit"], "peft": med["peft"]}, 1.05, "1.25×"))
     if "minilm-infer" in results:
-        case, med = by_name["minilm-infer"], {n: v["median_ms"] for n, v in results["minilm-infer"]["variants"].items()}
+        case, med = by_name["minilm-infer"], medians("minilm-infer")
         for state, goal, issue in (("unmerged", 1.03, "1.04×"), ("merged", 1.01, "1.03×")):
             rows.append(ratio_row(f"inference: {MODEL_NAMES[case.model]} B={case.batch} T={case.seq}, adapter {state}",
                                   "base model", {"lorakit": med["base"], "peft": med["base"]},
                                   {"lorakit": med[f"lorakit {state}"], "peft": med[f"peft {state}"]}, goal, issue))
     if "smollm2-mixed" in results:
-        case, med = by_name["smollm2-mixed"], {n: v["median_ms"] for n, v in results["smollm2-mixed"]["variants"].items()}
+        case, med = by_name["smollm2-mixed"], medians("smollm2-mixed")
         rows.append(ratio_row(f"mixed batch: {MODEL_NAMES[case.model]}, {case.adapters} adapters × "
-                              f"{case.batch // case.adapters} rows, T={case.seq}", "single-adapter forward, same library",
+                              f"{case.batch // case.adapters} rows, T={case.seq}",
+                              "single-adapter forward, same library",
                               {"lorakit": med["lorakit single"], "peft": med["peft single"]},
                               {"lorakit": med["lorakit mixed"], "peft": med["peft mixed"]}, 1.15, "1.60×"))
     return rows
@@ -565,14 +579,15 @@ def section(raw: dict[str, Any]) -> str:
         f"- date: {env['date']}",
         f"- machine: {env['machine']}",
         f"- versions: {env['versions']}; lorakit tree `{env['git']}`"
-        + (f" (uncommitted changes in {', '.join(env['dirty'])})" if env["dirty"] else ""),
+        + (f" (uncommitted changes in {', '.join(env['dirty'])})" if env["dirty"] else "")
+        + (" — **the source changed while this ran**" if env.get("source_changed_during_run") else ""),
         f"- device {raw['device']}, {raw['precision']}",
         f"- command: `{raw['command']}`",
         "- timed steps per variant (after warm-up steps): "
         + ", ".join(f"{c['name']} {c['steps']} (after {c['warmup']})" for c in raw["cases"].values()),
         "",
-        "| case | reference | reference ms | lorakit ms (× ref.) | PEFT ms (× ref.) | goal for lorakit | PEFT in the issue "
-        "| met? |",
+        "| case | reference | reference ms | lorakit ms (× ref.) | PEFT ms (× ref.) | goal for lorakit "
+        "| PEFT in the issue | met? |",
         "|---|---|---:|---:|---:|---|---:|---|",
     ]
     for r in raw["speed"]:
@@ -631,21 +646,62 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def environment(device: str) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE.parent, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE.parent, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
-    dirty = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]
+
+def source_state() -> str:
+    """A hash of lorakit's source as the working tree has it: the commit plus any uncommitted changes."""
+    state = _git("rev-parse", "HEAD") + _git("diff", "HEAD", "--", "src") + _git("status", "--porcelain", "--", "src")
+    return hashlib.sha256(state.encode()).hexdigest()[:16]
+
+
+def environment(device: str) -> dict[str, Any]:
+    dirty = [line.split(maxsplit=1)[1] for line in _git("status", "--porcelain", "--", "src").splitlines()
+             if line.strip()]
     name = machine() + (f"; device {torch.cuda.get_device_name(0)}" if device == "cuda" else "")
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": name,
-            "versions": versions(), "git": git("describe", "--always", "--dirty").strip() or "unknown", "dirty": dirty,
+            "versions": versions(), "git": _git("describe", "--always", "--dirty").strip() or "unknown", "dirty": dirty,
+            "source_state": source_state(),
             "torch_threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------- main
+
+
+def measure(todo: list[Case], device: str, dtype_name: str, pool: ProcessPoolExecutor | None, memory_steps: int,
+            log: Callable[..., None]) -> dict[str, Any]:
+    """Run the cases on one device and dtype, then the memory probes of the training cases (if a pool is
+    given); everything the report needs."""
+    dtype = DTYPES[dtype_name]
+    precision = ("fp32 throughout" if dtype_name == "fp32" else
+                 f"base weights cast to {dtype_name} (`model.to({dtype})`), LoRA A and B stored in fp32 in "
+                 "both libraries, the trained head copy in the base dtype")
+    raw: dict[str, Any] = {"environment": environment(device), "device": device, "dtype": dtype_name,
+                           "precision": precision, "cases": {}, "speed": [], "memory": [], "memory_rows": []}
+    log(f"{device} {dtype_name}: {', '.join(c.name for c in todo)}; torch threads {torch.get_num_threads()}")
+    for case in todo:
+        start = time.perf_counter()
+        result = RUNNERS[case.kind](case, device, dtype, log)
+        raw["cases"][case.name] = {"name": case.name, "description": case.describe(), **asdict(case), **result}
+        log(f"{case.name}: " + ", ".join(f"{n} {v['median_ms']:.1f} ms" for n, v in result["variants"].items())
+            + f" ({time.perf_counter() - start:.0f} s)")
+    raw["speed"] = speed_rows(raw["cases"], {c.name: c for c in todo})
+    for r in raw["speed"]:
+        for impl, v in r["ms"].items():
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise SystemExit(f"non-finite or non-positive time for {impl} in {r['what']}: {v}")
+    train_cases = [c for c in todo if c.kind == "train"]
+    if pool is not None and train_cases:
+        raw["memory"] = run_memory(pool, train_cases, device, dtype_name, memory_steps, log)
+        raw["memory_rows"] = memory_rows(raw["memory"])
+    if source_state() != raw["environment"]["source_state"]:
+        raw["environment"]["source_changed_during_run"] = True
+        log("lorakit's source changed while the benchmark ran; the report says so")
+    return raw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,42 +748,24 @@ def main(argv: list[str] | None = None) -> int:
     def log(*parts: Any) -> None:
         print(f"[perf {time.perf_counter() - began:5.0f} s]", *parts, flush=True)
 
-    for device, dtype_name in runs:
-        todo = [c for c in cases(args.quick) if c.name in chosen]
-        if args.steps is not None:
-            todo = [dataclasses.replace(c, steps=args.steps) for c in todo]
-        if args.warmup is not None:
-            todo = [dataclasses.replace(c, warmup=args.warmup) for c in todo]
-        by_name = {c.name: c for c in todo}
-        dtype = DTYPES[dtype_name]
-        precision = ("fp32 throughout" if dtype_name == "fp32" else
-                     f"base weights cast to {dtype_name} (`model.to({dtype})`), LoRA A and B in fp32 in both libraries, "
-                     "the trained head copy in the base dtype")
-        raw: dict[str, Any] = {"environment": environment(device), "command": command, "quick": args.quick,
-                               "device": device, "dtype": dtype_name, "precision": precision,
-                               "cases": {}, "speed": [], "memory": [], "memory_rows": []}
-        log(f"{device} {dtype_name}: {', '.join(by_name)}; torch threads {torch.get_num_threads()}")
-        for case in todo:
-            start = time.perf_counter()
-            result = RUNNERS[case.kind](case, device, dtype, log)
-            raw["cases"][case.name] = {"name": case.name, "description": case.describe(), **asdict(case), **result}
-            log(f"{case.name}: " + ", ".join(f"{n} {v['median_ms']:.1f} ms" for n, v in result["variants"].items())
-                + f" ({time.perf_counter() - start:.0f} s)")
-        raw["speed"] = speed_rows(raw["cases"], by_name)
-        train_cases = [c for c in todo if c.kind == "train"]
-        if memory_steps > 0 and train_cases:
-            raw["memory"] = run_memory(train_cases, device, dtype_name, memory_steps,
-                                       parallel=2 if args.quick else 1, log=log)
-            raw["memory_rows"] = memory_rows(raw["memory"])
-        for r in raw["speed"]:
-            for impl, v in r["ms"].items():
-                if v is not None and not (math.isfinite(v) and v > 0):
-                    raise SystemExit(f"non-finite or non-positive time for {impl} in {r['what']}: {v}")
-        body = section(raw)
-        title = body.splitlines()[0]
-        replace_section(out, title, body)
-        name = "perf.json" if (device, dtype_name) == ("cpu", "fp32") else f"perf-{device}-{dtype_name}.json"
-        write_atomic(out.with_name(name), json.dumps(raw, indent=2) + "\n")
-        print("\n" + body)
-        print(f"wrote {out} and {out.with_name(name)}")
+    # The probes' server starts now, before any timing, so it imports the lorakit source the timings use.
+    pool = probe_pool(2 if args.quick else 1) if memory_steps > 0 else None
+    try:
+        for device, dtype_name in runs:
+            todo = [c for c in cases(args.quick) if c.name in chosen]
+            if args.steps is not None:
+                todo = [dataclasses.replace(c, steps=args.steps) for c in todo]
+            if args.warmup is not None:
+                todo = [dataclasses.replace(c, warmup=args.warmup) for c in todo]
+            raw = measure(todo, device, dtype_name, pool, memory_steps, log)
+            raw.update(command=command, quick=args.quick)
+            body = section(raw)
+            replace_section(out, body.splitlines()[0], body)
+            name = "perf.json" if (device, dtype_name) == ("cpu", "fp32") else f"perf-{device}-{dtype_name}.json"
+            write_atomic(out.with_name(name), json.dumps(raw, indent=2) + "\n")
+            print("\n" + body)
+            print(f"wrote {out} and {out.with_name(name)}")
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return 0

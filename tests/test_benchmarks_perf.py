@@ -52,7 +52,7 @@ def test_perf_runner_quick(tmp_path):
             else:
                 assert diff < 1e-4, (name, check, diff)
 
-    assert len(raw["speed"]) == 7
+    assert len(raw["speed"]) == 8
     for row in raw["speed"]:
         for impl in ("lorakit", "peft"):
             ms, x = row["ms"][impl], row["x"][impl]
