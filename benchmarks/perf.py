@@ -428,6 +428,9 @@ def probe_memory(case: Case, variant: Variant, device: str, dtype_name: str, ste
     model = build(load_base(case.model, DTYPES[dtype_name], device), variant, head).train()
     batch = make_batch(model, case, device, labels=True)
     step = train_step(model, batch, device)
+    with torch.no_grad():  # page in weights loaded by mmap, which would otherwise count as the step's memory
+        for t in [*model.parameters(), *model.buffers()]:
+            t.sum()
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -604,10 +607,14 @@ def section(raw: dict[str, Any]) -> str:
     if raw["memory"]:
         what = ("peak `torch.cuda.max_memory_allocated`; built = `memory_allocated` after building"
                 if raw["device"] == "cuda" else
-                "peak RSS (`ru_maxrss`); built = RSS after building model and batch, where the peak counter is reset")
+                "peak RSS (`ru_maxrss`); built = RSS after building model and batch and reading every weight once, "
+                "where the peak counter is reset")
+        again = raw.get("memory_run")
         lines += [
             f"Memory of {raw['memory'][0]['steps']} training step(s), each variant in its own process ({what}; "
-            "step = peak − built: activations, gradients and temporaries).",
+            "step = peak − built: activations, gradients and temporaries)"
+            + (f"; measured again on {again['date']} by `{again['command']}` (lorakit tree `{again['git']}`)"
+               if again else "") + ".",
             "",
             "| case | variant | built MB | peak MB | step MB | lorakit ÷ PEFT (peak / step) | goal | met? |",
             "|---|---|---:|---:|---:|---:|---|---|",
@@ -719,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed steps per variant first (default: 2 for MiniLM, 1 for SmolLM2 and in --quick)")
     parser.add_argument("--memory-steps", type=int, default=None,
                         help="training steps per memory probe (default 3; quick 1); 0 skips the memory probes")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="run only the memory probes, into the JSON beside --out from an earlier run (its "
+                             "timings are kept), and rewrite the section")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file whose section to rewrite (default benchmarks/results.md; with --quick, a "
                              "new temporary directory); the JSON goes beside it")
@@ -734,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--warmup", args.warmup), ("--memory-steps", args.memory_steps)):
         if value is not None and value < 0:
             parser.error(f"{flag} must be >= 0, got {value}")
+    if args.memory_only and args.memory_steps == 0:
+        parser.error("--memory-only with --memory-steps 0 has nothing to do")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available to torch")
     runs = [(args.device, args.dtype or ("bf16" if args.device == "cuda" else "fp32"))] if args.device else \
@@ -757,11 +769,21 @@ def main(argv: list[str] | None = None) -> int:
                 todo = [dataclasses.replace(c, steps=args.steps) for c in todo]
             if args.warmup is not None:
                 todo = [dataclasses.replace(c, warmup=args.warmup) for c in todo]
-            raw = measure(todo, device, dtype_name, pool, memory_steps, log)
-            raw.update(command=command, quick=args.quick)
+            name = "perf.json" if (device, dtype_name) == ("cpu", "fp32") else f"perf-{device}-{dtype_name}.json"
+            if args.memory_only:
+                if not out.with_name(name).is_file():
+                    parser.error(f"--memory-only needs the JSON of an earlier run at {out.with_name(name)}")
+                raw = json.loads(out.with_name(name).read_text(encoding="utf-8"))
+                train_cases = [c for c in todo if c.kind == "train"]
+                raw["memory"] = run_memory(pool, train_cases, device, dtype_name, memory_steps, log)
+                raw["memory_rows"] = memory_rows(raw["memory"])
+                raw["memory_run"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     "command": command, "git": _git("describe", "--always", "--dirty").strip()}
+            else:
+                raw = measure(todo, device, dtype_name, pool, memory_steps, log)
+                raw.update(command=command, quick=args.quick)
             body = section(raw)
             replace_section(out, body.splitlines()[0], body)
-            name = "perf.json" if (device, dtype_name) == ("cpu", "fp32") else f"perf-{device}-{dtype_name}.json"
             write_atomic(out.with_name(name), json.dumps(raw, indent=2) + "\n")
             print("\n" + body)
             print(f"wrote {out} and {out.with_name(name)}")
