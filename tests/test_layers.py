@@ -247,6 +247,7 @@ def test_fused_dropout_gradients_match_the_mask_it_drew():
     randomize(layer)
     x = (torch.rand(50, n, dtype=torch.float64) + 0.5).requires_grad_()  # no zeros: a dropped entry shows
     layer.train()
+    p = round(p * 65536) / 65536  # the probability the mask draws with
     out = layer(x)
     with torch.no_grad():  # solve s·(xd Aᵀ) Bᵀ = out − base(x) for xd
         xd = ((out - layer.base(x)) / a.scale) @ torch.linalg.inv(a.lora_b.T) @ torch.linalg.inv(a.lora_a.T)
@@ -294,3 +295,21 @@ def test_autocast_bf16_runs_the_update_in_bf16_and_trains_fp32_weights():
     layer.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(layer(x).float(), fp32, atol=0.05, rtol=0.02)
+
+
+def test_keep_mask_drops_p_of_the_entries_independently():
+    from lorakit.layers import _keep_mask
+
+    torch.manual_seed(0)
+    x = torch.empty(1000, 1001)  # an odd count: the last 64-bit draw is only partly used
+    keep, p = _keep_mask(x, 0.1)
+    assert keep.shape == x.shape and keep.dtype == torch.bool
+    assert p == round(0.1 * 65536) / 65536 and abs(p - 0.1) < 1e-5
+    n = x.numel()
+    assert abs((~keep).sum().item() / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    words = (~keep).flatten()[: n - n % 4].view(-1, 4).float()  # the four words of one draw are independent
+    for i in range(4):
+        assert abs(words[:, i].mean().item() - p) < 4 * (p * (1 - p) / words.shape[0]) ** 0.5
+    assert abs((words[:, 0] * words[:, 3]).mean().item() - p * p) < 0.003
+    keep2, _ = _keep_mask(x, 0.1)
+    assert not torch.equal(keep, keep2)

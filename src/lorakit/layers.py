@@ -142,6 +142,19 @@ class Geometry:
 Slices = tuple[tuple[int, int], ...]
 
 
+def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
+    """A bool mask shaped like x, each entry False with probability p rounded to a multiple of 2⁻¹⁶,
+    and that rounded p (the caller rescales by 1/(1-p) with it, so the update stays unbiased).
+
+    Four entries come from one 64-bit random draw (its four 16-bit words, each compared with a
+    threshold): several times faster on CPU than drawing a float per entry, which is what makes
+    dropout on x nearly free next to the matmuls."""
+    drop = round(p * 65536)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+    keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768
+    return keep, drop / 65536
+
+
 class _LoraLinear(torch.autograd.Function):
     """out = y + s · (dropout(x) · Aᵀ) · upᵀ for a linear base, as one autograd node.
 
@@ -152,7 +165,9 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p) if p > 0 else None
+        keep = None
+        if p > 0:
+            keep, p = _keep_mask(x, p)
         u = (x if keep is None else x * keep) @ a.t()  # (N, p·r)
         if keep is not None:
             u.mul_(1.0 / (1.0 - p))
