@@ -207,3 +207,109 @@ def test_adapters_stay_fp32_over_bf16_base():
     randomize(layer)
     y = layer(torch.randn(2, 16, dtype=torch.bfloat16))
     assert a.lora_a.dtype == torch.float32 and y.dtype == torch.bfloat16
+
+
+def reference(layer: LoraLayer, x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """y = base(x) + s·up·A·(x ⊙ keep / (1-p)), written with plain autograd ops."""
+    a = layer.adapters[layer.active]
+    xd = x if keep is None else x * keep / (1 - p)
+    return layer.base(x) + a.scale * (xd @ a.lora_a.T) @ a.up().T
+
+
+def grads(out: torch.Tensor, g: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, tensors, g))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fused_step_gradients_equal_plain_autograd(kind):
+    """The fused node's forward and its gradients for x, A and B against plain autograd, dropout 0."""
+    base = bases()[kind].double()
+    layer = LoraLayer(base)
+    a = layer.add("default", LoraConfig(r=3, alpha=6))
+    randomize(layer)
+    x = inputs(kind).double().requires_grad_()
+    out = layer(x)
+    want = reference(layer, x, None, 0.0)
+    g = torch.randn_like(out)
+    assert (out - layer.base(x)).abs().max() > 0.1
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    for got, ref in zip(grads(out, g, x, a.lora_a, a.lora_b), grads(want, g, x, a.lora_a, a.lora_b)):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+def test_fused_dropout_gradients_match_the_mask_it_drew():
+    """With dropout, the mask the node drew is read back from its output (square, invertible A and B
+    in float64) and the gradients must be those of the dense formula with that mask."""
+    torch.manual_seed(0)
+    p, n = 0.3, 6
+    layer = LoraLayer(nn.Linear(n, n).double())
+    a = layer.add("default", LoraConfig(r=n, alpha=3, dropout=p))
+    randomize(layer)
+    x = (torch.rand(50, n, dtype=torch.float64) + 0.5).requires_grad_()  # no zeros: a dropped entry shows
+    layer.train()
+    p = round(p * 65536) / 65536  # the probability the mask draws with
+    out = layer(x)
+    with torch.no_grad():  # solve s·(xd Aᵀ) Bᵀ = out − base(x) for xd
+        xd = ((out - layer.base(x)) / a.scale) @ torch.linalg.inv(a.lora_b.T) @ torch.linalg.inv(a.lora_a.T)
+    keep = xd.abs() > 1e-6
+    assert 0.2 < 1 - keep.double().mean() < 0.4  # about p of the entries dropped
+    torch.testing.assert_close(xd[keep], (x / (1 - p))[keep].detach(), atol=1e-9, rtol=1e-9)
+    want = reference(layer, x, keep, p)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+    g = torch.randn_like(out)
+    for got, ref in zip(grads(out, g, x, a.lora_a, a.lora_b), grads(want, g, x, a.lora_a, a.lora_b)):
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+
+
+def test_dropout_saves_a_bool_mask_not_a_copy_of_x():
+    """For backward, a LoRA layer with dropout keeps x itself and a 1-byte mask, not x ⊙ mask in fp32."""
+    layer = LoraLayer(nn.Linear(64, 64))
+    layer.add("default", LoraConfig(r=4, dropout=0.1))
+    layer.train()
+    x = torch.randn(32, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert any(t is x or (t.data_ptr() == x.data_ptr()) for t in big)
+    floats = {t.data_ptr() for t in big if t.is_floating_point()}
+    assert floats == {x.data_ptr()}, "a float copy of x was saved"
+    assert [t.dtype for t in big if not t.is_floating_point()] == [torch.bool]
+
+
+def test_autocast_bf16_runs_the_update_in_bf16_and_trains_fp32_weights():
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Linear(32, 16))
+    a = layer.add("default", LoraConfig(r=4, dropout=0.1))
+    randomize(layer)
+    x = torch.randn(8, 32)
+    layer.eval()
+    with torch.no_grad():
+        fp32 = layer(x)
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert a.lora_a.grad.dtype == torch.float32 and a.lora_b.grad.abs().sum() > 0
+    layer.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x).float(), fp32, atol=0.05, rtol=0.02)
+
+
+def test_keep_mask_drops_p_of_the_entries_independently():
+    from lorakit.layers import _keep_mask
+
+    torch.manual_seed(0)
+    x = torch.empty(1000, 1001)  # an odd count: the last 64-bit draw is only partly used
+    keep, p = _keep_mask(x, 0.1)
+    assert keep.shape == x.shape and keep.dtype == torch.bool
+    assert p == round(0.1 * 65536) / 65536 and abs(p - 0.1) < 1e-5
+    n = x.numel()
+    assert abs((~keep).sum().item() / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    words = (~keep).flatten()[: n - n % 4].view(-1, 4).float()  # the four words of one draw are independent
+    for i in range(4):
+        assert abs(words[:, i].mean().item() - p) < 4 * (p * (1 - p) / words.shape[0]) ** 0.5
+    assert abs((words[:, 0] * words[:, 3]).mean().item() - p * p) < 0.003
+    keep2, _ = _keep_mask(x, 0.1)
+    assert not torch.equal(keep, keep2)

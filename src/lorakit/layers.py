@@ -146,6 +146,57 @@ class Geometry:
 Slices = tuple[tuple[int, int], ...]
 
 
+def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
+    """A bool mask shaped like x, each entry False with probability p rounded to a multiple of 2⁻¹⁶,
+    and that rounded p (the caller rescales by 1/(1-p) with it, so the update stays unbiased).
+
+    Four entries come from one 64-bit random draw (its four 16-bit words, each compared with a
+    threshold): several times faster on CPU than drawing a float per entry, which is what makes
+    dropout on x nearly free next to the matmuls."""
+    drop = round(p * 65536)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+    keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768
+    return keep, drop / 65536
+
+
+class _LoraLinear(torch.autograd.Function):
+    """out = y + s · (dropout(x) · Aᵀ) · upᵀ for a linear base, as one autograd node.
+
+    x: (N, in), y: (N, out) the base's output, a: (p·r, in), up: (out, p·r). Saves x itself (shared
+    with every sibling projection that reads the same x), a bool dropout mask (1 byte an element, not a
+    dropped copy of x) and u = dropout(x)·Aᵀ (p·r values a row); the scale rides in the matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
+        keep = None
+        if p > 0:
+            keep, p = _keep_mask(x, p)
+        u = (x if keep is None else x * keep) @ a.t()  # (N, p·r)
+        if keep is not None:
+            u.mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(x, keep, u, a, up)
+        ctx.scale, ctx.p = scale, p
+        return torch.addmm(y, u, up.t(), alpha=scale)  # (N, out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, keep, u, a, up = ctx.saved_tensors
+        need_x, _, need_a, need_up = ctx.needs_input_grad[:4]
+        inv = 1.0 if keep is None else 1.0 / (1.0 - ctx.p)
+        gu = torch.mm(g, up).mul_(ctx.scale * inv)  # (N, p·r): ∂L/∂u, with dropout's 1/(1-p) folded in
+        grad_x = grad_a = grad_up = None
+        if need_x:
+            grad_x = gu @ a  # (N, in)
+            if keep is not None:
+                grad_x.mul_(keep)
+        if need_a:
+            grad_a = gu.t() @ (x if keep is None else x * keep)  # (p·r, in)
+        if need_up:
+            grad_up = torch.mm(g.t(), u).mul_(ctx.scale)  # (out, p·r)
+        return grad_x, g, grad_a, grad_up, None, None
+
+
 class LoraAdapter(nn.Module):
     """The trainable part of one adapter on one layer.
 
@@ -217,6 +268,28 @@ class LoraAdapter(nn.Module):
         u = F.linear(x, self.lora_a)  # (..., p·r)
         return F.linear(u, self.up()) * self.scale  # (..., out)
 
+    def add_to(self, x: Tensor, y: Tensor) -> Tensor:
+        """y + s · B·A·dropout(x): the base's output y with this adapter's update added.
+
+        Linear and Conv1D bases take one fused autograd node (`_LoraLinear`); without autograd the
+        update is added into y in place. The matmuls run in y's dtype when it is 16-bit (a bf16 base or
+        autocast) and in the adapter's dtype otherwise."""
+        g = self.geometry
+        if g.kind not in ("linear", "conv1d"):
+            return y + self(x).to(y.dtype)
+        dtype = y.dtype if y.dtype in (torch.bfloat16, torch.float16) else self.lora_a.dtype
+        x2 = x.reshape(-1, g.in_features).to(dtype)  # (N, in)
+        y2 = y.reshape(-1, g.out_features)  # (N, out)
+        a, up = self.lora_a.to(dtype), self.up().to(dtype)
+        p = self.config.dropout if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        with torch.autocast(x.device.type, enabled=False):
+            if torch.is_grad_enabled():
+                out = _LoraLinear.apply(x2, y2.to(dtype), a, up, self.scale, p)
+            else:
+                x2 = self.dropout(x2)
+                out = y2.to(dtype).addmm_(x2 @ a.t(), up.t(), alpha=self.scale)
+        return out.to(y.dtype).view(y.shape)
+
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """s · ΔW in fp32 and in the base weight's own layout."""
@@ -265,6 +338,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.rows: list[str | None] | None = None
         self._digest: str | None = None
+        self._banked: tuple[tuple, Tensor, Tensor] | None = None
         self.train(base.training)
 
     def add(self, name: str, config: LoraConfig, slices: Slices | None = None) -> LoraAdapter:
@@ -291,7 +365,7 @@ class LoraLayer(nn.Module):
         if self.training and torch.is_grad_enabled() and not adapter.lora_a.requires_grad:
             warnings.warn(f"training with LoRA adapter {self.active!r} frozen, so it will not learn; "
                           f"load it with trainable=True (or call lorakit.freeze) to train it", stacklevel=2)
-        return y + adapter(x).to(y.dtype)
+        return adapter.add_to(x, y)
 
     def _per_row(self, x: Tensor) -> Tensor:
         """Row i of the batch gets adapter rows[i] (None: no update), as two gathered bmm's.
@@ -308,13 +382,8 @@ class LoraLayer(nn.Module):
             raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
         names = list(self.adapters)
         index = torch.tensor([names.index(n) if n in self.adapters else len(names) for n in rows], device=x.device)
-        rank = max(a.lora_a.shape[0] for a in self.adapters.values())
         ref = next(iter(self.adapters.values())).lora_a
-        a_bank = ref.new_zeros(len(names) + 1, rank, ref.shape[1])  # (n+1, R, in)
-        up_bank = ref.new_zeros(len(names) + 1, g.out_features, rank)  # (n+1, out, R)
-        for i, a in enumerate(self.adapters.values()):
-            a_bank[i, :a.lora_a.shape[0]] = a.lora_a
-            up_bank[i, :, :a.lora_a.shape[0]] = a.up() * a.scale
+        a_bank, up_bank = self._bank()
         up = up_bank[index]  # (B, out, R)
         if g.kind == "embedding":
             u = a_bank.transpose(1, 2)[index[:, None], x]  # (B, T, R)
@@ -322,6 +391,24 @@ class LoraLayer(nn.Module):
         xb = x.to(ref.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
         u = torch.bmm(xb, a_bank[index].transpose(1, 2))  # (B, L, R)
         return torch.bmm(u, up.transpose(1, 2)).reshape(*x.shape[:-1], g.out_features)  # (B, ..., out)
+
+    def _bank(self) -> tuple[Tensor, Tensor]:
+        """A: (n+1, R, in) and s·up: (n+1, out, R) of every adapter, zero-padded to the largest rank R.
+
+        Without autograd the bank is kept and rebuilt only when an adapter's weights change (their
+        version counters), so serving mixed batches does not restack it on every call."""
+        key = tuple((id(a), p.data_ptr(), p._version) for a in self.adapters.values() for p in (a.lora_a, a.lora_b))
+        if self._banked is not None and self._banked[0] == key and not torch.is_grad_enabled():
+            return self._banked[1], self._banked[2]
+        adapters = list(self.adapters.values())
+        rank, ref = max(a.lora_a.shape[0] for a in adapters), adapters[0].lora_a
+        a_bank = ref.new_zeros(len(adapters) + 1, rank, ref.shape[1])  # (n+1, R, in)
+        up_bank = ref.new_zeros(len(adapters) + 1, self.geometry.out_features, rank)  # (n+1, out, R)
+        for i, a in enumerate(adapters):
+            a_bank[i, :a.lora_a.shape[0]] = a.lora_a
+            up_bank[i, :, :a.lora_a.shape[0]] = a.up() * a.scale
+        self._banked = (key, a_bank, up_bank) if not torch.is_grad_enabled() else None
+        return a_bank, up_bank
 
     def base_digest(self) -> str:
         """`weight_digest` of W0 (a 4-bit base: of its dequantized weight), remembered before the
