@@ -1,6 +1,6 @@
 """QLoRA (LoRA over an NF4 base) against LoRA over the float base, on SmolLM2-135M and the sentiment job.
 
-    python -m benchmarks.qlora                               # everything; writes qlora.json and qlora.md here
+    python -m benchmarks.qlora                               # everything; writes qlora.json and its section of results.md
     python -m benchmarks.qlora --only storage,memory         # some parts (the others are kept from qlora.json)
     python -m benchmarks.qlora --sentiment-max-train 2048    # a reduced sentiment budget, the same for both runs
 
@@ -37,6 +37,7 @@ import lorakit  # noqa: E402
 from lorakit import hub  # noqa: E402
 from lorakit.train.config import build_config, load_recipe  # noqa: E402
 from lorakit.train.recipe import train  # noqa: E402
+from benchmarks.perf import replace_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "causal-lm.toml"
@@ -235,9 +236,8 @@ def main() -> None:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(path)
-        md = HERE / "qlora.md"
-        md.with_suffix(".md.tmp").write_text(markdown(results) + "\n")
-        md.with_suffix(".md.tmp").replace(md)
+        body = markdown(results)
+        replace_section(HERE / "results.md", body.splitlines()[0], body + "\n")
         print(f"[qlora] {part} done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
