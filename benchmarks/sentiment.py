@@ -42,6 +42,8 @@ from lorakit.train.config import RunConfig, build_config  # noqa: E402
 from lorakit.train.recipe import apply_method, train  # noqa: E402
 from lorakit.train.tasks import default_targets, prepare  # noqa: E402
 
+from benchmarks.perf import replace_section  # noqa: E402
+
 TITLE = "## Sentiment: LoRA vs full fine-tuning vs PEFT + Trainer"
 RESULTS = Path(__file__).resolve().parent / "results.md"
 FULL_LR = 5e-5  # the usual BERT fine-tuning rate; full fine-tuning at LoRA's 1e-3 diverges
@@ -297,23 +299,6 @@ def section(results: list[dict[str, Any]], env: dict[str, Any], cfg: RunConfig, 
     return "\n".join(lines)
 
 
-def replace_section(path: Path, body: str) -> None:
-    """Put `body` (which starts with TITLE) in place of the TITLE section of `path`, keeping the others."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# lorakit benchmarks\n\nEach section is " \
-        "written by the script it names; rerun the script rather than editing the numbers.\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == TITLE), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        text = "".join(lines[:start]) + body + ("\n" + rest if rest else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -357,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{r['method']}: non-finite {', '.join(bad)}: {r}")
     body = section(results, env, cfg, facts, command, quick)
     out.parent.mkdir(parents=True, exist_ok=True)
-    replace_section(out, body)
+    replace_section(out, TITLE, body)
     raw = {"environment": env, "command": command, "seed": cfg.train.seed, "quick": quick, "data": facts,
            "config": cfg.to_dict(), "results": results}
     out.with_name("sentiment.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
