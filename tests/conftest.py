@@ -67,14 +67,19 @@ def smollm2(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
 
 
-@pytest.fixture
-def tiny_llama():
+def make_tiny_llama(width: int = 32) -> nn.Module:
+    """A 2-layer random Llama `width` wide (FFN 2×), vocabulary 120, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
 
 
 def plain_state(model: nn.Module) -> dict:

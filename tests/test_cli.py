@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,18 +234,22 @@ def test_help(command):
     assert result.returncode == 0 and f"lorakit {command}" in result.stdout
 
 
+def save_tiny_llama(path: Path, tokenizer_dir: Path, width: int) -> Path:
+    """A 2-layer random Llama `width` wide (FFN 2×) with SmolLM2's tokenizer, saved as a Hugging Face directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir):
     """A 2-layer random Llama with SmolLM2's tokenizer, as a Hugging Face directory."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, 32)
 
 
 def test_causal_lm_lowers_perplexity_and_generates(tiny_llama_dir, tmp_path, capsys):
@@ -263,15 +268,7 @@ def test_causal_lm_lowers_perplexity_and_generates(tiny_llama_dir, tmp_path, cap
 @pytest.fixture(scope="module")
 def tiny_llama64_dir(tmp_path_factory, smollm2_dir):
     """Like tiny_llama_dir, but 64 wide: every Linear reads whole 64-value NF4 blocks per row."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama64")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama64"), smollm2_dir, 64)
 
 
 def test_qlora_run_evaluates_on_the_float_base_and_merges_to_float(tiny_llama64_dir, tmp_path, capsys):

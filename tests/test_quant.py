@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import make_tiny_llama, randomize
 from torch import nn
 
 import lorakit
@@ -70,12 +70,7 @@ def test_nf4_double_quant_adds_only_the_error_of_the_8_bit_scales():
 @pytest.fixture
 def tiny_llama():
     """A 2-layer random Llama whose Linear layers read 64 or 128 features: whole NF4 blocks per row."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return make_tiny_llama(64)
 
 
 @pytest.fixture
