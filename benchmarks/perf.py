@@ -6,6 +6,7 @@ both against the floor, measured in one process with interleaved steps.
     python -m benchmarks --quick               # tiny random models, 2 steps: checks the runner works (~30 s);
                                                # writes to a temp dir, never to results.md
     python -m benchmarks --device cuda --dtype bf16          # the GPU section
+    python -m benchmarks --weights random      # MiniLM and SmolLM2 built from benchmarks/configs/, random weights
     python -m benchmarks --cases minilm-train,minilm-infer --steps 30
 
 The floor of a LoRA training step is the work no implementation can avoid: the frozen model's forward plus
@@ -103,9 +104,11 @@ class Case:
     warmup: int = 2
     full: bool = False
     adapters: int = 1
+    random_weights: bool = False
 
     def describe(self) -> str:
-        what = f"{MODEL_NAMES[self.model]}, B={self.batch}, T={self.seq}"
+        what = f"{MODEL_NAMES[self.model]}{' (random weights)' if self.random_weights else ''}, " \
+               f"B={self.batch}, T={self.seq}"
         if self.kind == "mixed":
             return f"{what}, {self.adapters} adapters × {self.batch // self.adapters} rows, {self.loras[0]}"
         return f"{what}, " + "; ".join(map(str, self.loras)) + ("; full fine-tuning" if self.full else "")
@@ -154,10 +157,14 @@ def train_variants(case: Case) -> list[Variant]:
 # ---------------------------------------------------------------- models and batches
 
 
-def load_base(name: str, dtype: torch.dtype, device: str) -> nn.Module:
-    """The base model, its new classifier head (if any) drawn from seed 0, in `dtype` on `device`."""
-    from transformers import (AutoModelForCausalLM, BertConfig, BertForSequenceClassification, LlamaConfig,
-                              LlamaForCausalLM)
+def load_base(name: str, dtype: torch.dtype, device: str, random_weights: bool = False) -> nn.Module:
+    """The base model, its new classifier head (if any) drawn from seed 0, in `dtype` on `device`.
+
+    random_weights: build MiniLM or SmolLM2 from its architecture alone (benchmarks/configs/NAME.json), with
+    transformers' random initialisation, for machines without the packaged weights. Time and memory depend
+    on the shapes, not the values."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, BertConfig, BertForSequenceClassification,
+                              LlamaConfig, LlamaForCausalLM)
     from transformers.utils import logging as hf_logging
 
     from lorakit import hub
@@ -165,7 +172,11 @@ def load_base(name: str, dtype: torch.dtype, device: str) -> nn.Module:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
-    if name == "minilm":
+    if random_weights and name in ("minilm", "smollm2"):
+        config = AutoConfig.from_pretrained(HERE / "configs" / f"{name}.json")
+        model = (BertForSequenceClassification(BertConfig(**config.to_dict(), num_labels=2)) if name == "minilm"
+                 else LlamaForCausalLM(config))
+    elif name == "minilm":
         model = BertForSequenceClassification.from_pretrained(hub.minilm_dir(), num_labels=2)
     elif name == "smollm2":
         model = AutoModelForCausalLM.from_pretrained(hub.smollm2_dir())
@@ -310,7 +321,7 @@ def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
 
 
 def run_train(case: Case, device: str, dtype: torch.dtype, log: Callable[..., None]) -> dict[str, Any]:
-    base = load_base(case.model, dtype, device)
+    base = load_base(case.model, dtype, device, case.random_weights)
     head = HEADS[case.model]
     batch = make_batch(base, case, device, labels=True)
     variants = train_variants(case)
@@ -332,7 +343,7 @@ def run_train(case: Case, device: str, dtype: torch.dtype, log: Callable[..., No
 
 
 def run_infer(case: Case, device: str, dtype: torch.dtype, log: Callable[..., None]) -> dict[str, Any]:
-    base = load_base(case.model, dtype, device).eval()
+    base = load_base(case.model, dtype, device, case.random_weights).eval()
     head = HEADS[case.model]
     batch = make_batch(base, case, device, labels=False)
     lora = case.loras[0]
@@ -359,7 +370,7 @@ def run_infer(case: Case, device: str, dtype: torch.dtype, log: Callable[..., No
 def run_mixed(case: Case, device: str, dtype: torch.dtype, log: Callable[..., None]) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
-    base = load_base(case.model, dtype, device).eval()
+    base = load_base(case.model, dtype, device, case.random_weights).eval()
     batch = make_batch(base, case, device, labels=False)
     lora = case.loras[0]
     names = [f"a{i}" for i in range(case.adapters)]
@@ -425,7 +436,7 @@ def reset_peak_rss() -> bool:
 def probe_memory(case: Case, variant: Variant, device: str, dtype_name: str, steps: int) -> dict[str, Any]:
     """In a fresh process: build one variant, run `steps` training steps; memory after building and at peak."""
     head = HEADS[case.model]
-    model = build(load_base(case.model, DTYPES[dtype_name], device), variant, head).train()
+    model = build(load_base(case.model, DTYPES[dtype_name], device, case.random_weights), variant, head).train()
     batch = make_batch(model, case, device, labels=True)
     step = train_step(model, batch, device)
     with torch.no_grad():  # page in weights loaded by mmap, which would otherwise count as the step's memory
@@ -660,6 +671,11 @@ def _git(*args: str) -> str:
         return ""
 
 
+def tree() -> str:
+    """`git describe` of the checkout; in a copy without .git (a GPU machine's), $LORAKIT_GIT or "unknown"."""
+    return _git("describe", "--always", "--dirty").strip() or os.environ.get("LORAKIT_GIT", "unknown")
+
+
 def source_state() -> str:
     """A hash of lorakit's source as the working tree has it: the commit plus any uncommitted changes."""
     state = _git("rev-parse", "HEAD") + _git("diff", "HEAD", "--", "src") + _git("status", "--porcelain", "--", "src")
@@ -671,7 +687,7 @@ def environment(device: str) -> dict[str, Any]:
              if line.strip()]
     name = machine() + (f"; device {torch.cuda.get_device_name(0)}" if device == "cuda" else "")
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": name,
-            "versions": versions(), "git": _git("describe", "--always", "--dirty").strip() or "unknown", "dirty": dirty,
+            "versions": versions(), "git": tree(), "dirty": dirty,
             "source_state": source_state(),
             "torch_threads": torch.get_num_threads()}
 
@@ -721,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="the frozen base's weights (adapters stay fp32); default fp32 on cpu, bf16 on cuda")
     parser.add_argument("--cases", default=",".join(all_cases), help=f"comma-separated, from: {', '.join(all_cases)}")
+    parser.add_argument("--weights", choices=("packaged", "random"), default="packaged",
+                        help="random: MiniLM and SmolLM2 built from benchmarks/configs/ with random weights, for a "
+                             "machine without the packaged models (a GPU machine that cannot install them)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: per case, ≥ 10)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps per variant first (default: 2 for MiniLM, 1 for SmolLM2 and in --quick)")
@@ -769,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
                 todo = [dataclasses.replace(c, steps=args.steps) for c in todo]
             if args.warmup is not None:
                 todo = [dataclasses.replace(c, warmup=args.warmup) for c in todo]
+            if args.weights == "random" and not args.quick:
+                todo = [dataclasses.replace(c, random_weights=True) for c in todo]
             name = "perf.json" if (device, dtype_name) == ("cpu", "fp32") else f"perf-{device}-{dtype_name}.json"
             if args.memory_only:
                 if not out.with_name(name).is_file():
@@ -778,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw["memory"] = run_memory(pool, train_cases, device, dtype_name, memory_steps, log)
                 raw["memory_rows"] = memory_rows(raw["memory"])
                 raw["memory_run"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                     "command": command, "git": _git("describe", "--always", "--dirty").strip()}
+                                     "command": command, "git": tree()}
             else:
                 raw = measure(todo, device, dtype_name, pool, memory_steps, log)
                 raw.update(command=command, quick=args.quick)
