@@ -18,10 +18,10 @@ optimizer step; gradients are set to None before each step, outside the timed re
 of a case run round-robin, the starting variant rotating each round, after warm-up steps; times are medians.
 
 Peak memory of a training step is measured for every variant in a separate process (forked from a server
-that imported torch, transformers, peft and lorakit when the run began, and built nothing): on CPU the peak
-resident set size (`ru_maxrss`) after the steps, and the resident size after building the model and batch,
-with the kernel's peak counter reset at that point (/proc/self/clear_refs), so the difference is the memory
-the steps add; on CUDA `torch.cuda.max_memory_allocated` and `memory_allocated` instead.
+that imported torch, transformers, peft and lorakit when the run began, and built nothing; spawned on
+CUDA): on CPU the peak resident set size (`ru_maxrss`) after the steps, and the resident size after building
+the model and batch, with the kernel's peak counter reset at that point (/proc/self/clear_refs), so the
+difference is the memory the steps add; on CUDA `torch.cuda.max_memory_allocated` and `memory_allocated` instead.
 
 The numbers go to a section of results.md and, raw, to perf.json beside it (perf-<device>-<dtype>.json for
 anything but CPU fp32). The end-to-end goal (the sentiment job against PEFT + Trainer) is
@@ -464,11 +464,14 @@ PRELOAD = ["torch", "transformers", "peft", "lorakit", "benchmarks.perf", "trans
            "transformers.models.llama.modeling_llama"]
 
 
-def probe_pool(parallel: int) -> ProcessPoolExecutor:
+def probe_pool(parallel: int, cuda: bool) -> ProcessPoolExecutor:
     """Workers that each run one task in a fresh process, forked from a server that imports the libraries
-    (and lorakit's code as it is now, the code the timings run) before this returns, and nothing else."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    (and lorakit's code as it is now, the code the timings run) before this returns, and nothing else.
+    With `cuda`, spawned instead: importing peft imports bitsandbytes, which starts CUDA, and a process
+    forked after that cannot use the GPU. A spawned worker imports lorakit when it starts."""
+    ctx = multiprocessing.get_context("spawn" if cuda else "forkserver")
+    if not cuda:
+        ctx.set_forkserver_preload(PRELOAD)
     pool = ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, max_tasks_per_child=1)
     pool.submit(os.getpid).result()
     return pool
@@ -780,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[perf {time.perf_counter() - began:5.0f} s]", *parts, flush=True)
 
     # The probes' server starts now, before any timing, so it imports the lorakit source the timings use.
-    pool = probe_pool(2 if args.quick else 1) if memory_steps > 0 else None
+    pool = probe_pool(2 if args.quick else 1, any(d == "cuda" for d, _ in runs)) if memory_steps > 0 else None
     try:
         for device, dtype_name in runs:
             todo = [c for c in cases(args.quick) if c.name in chosen]

@@ -162,13 +162,17 @@ def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
 class _LoraLinear(torch.autograd.Function):
     """out = y + s · (dropout(x) · Aᵀ) · upᵀ for a linear base, as one autograd node.
 
-    x: (N, in), y: (N, out) the base's output, a: (p·r, in), up: (out, p·r). Saves x itself (shared
-    with every sibling projection that reads the same x), a bool dropout mask (1 byte an element, not a
-    dropped copy of x) and u = dropout(x)·Aᵀ (p·r values a row); the scale rides in the matmuls.
+    x: (N, in), y: (N, out) the base's output, both in the compute dtype; a: (p·r, in) and up: (out, p·r)
+    the adapter's own weights, cast inside the node (no separate autograd step) and given their gradients
+    back in their own dtype. Saves x itself (shared with every sibling projection that reads the same x), a
+    bool dropout mask (1 byte an element, not a dropped copy of x) and u = dropout(x)·Aᵀ (p·r values a row);
+    the scale rides in the matmuls.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
+        ctx.dtypes = a.dtype, up.dtype
+        a, up = a.to(x.dtype), up.to(x.dtype)  # 16-bit copies for a 16-bit x; their gradients go back in fp32
         keep = None
         if p > 0:
             keep, p = _keep_mask(x, p)
@@ -191,9 +195,9 @@ class _LoraLinear(torch.autograd.Function):
             if keep is not None:
                 grad_x.mul_(keep)
         if need_a:
-            grad_a = gu.t() @ (x if keep is None else x * keep)  # (p·r, in)
+            grad_a = (gu.t() @ (x if keep is None else x * keep)).to(ctx.dtypes[0])  # (p·r, in)
         if need_up:
-            grad_up = torch.mm(g.t(), u).mul_(ctx.scale)  # (out, p·r)
+            grad_up = torch.mm(g.t(), u).mul_(ctx.scale).to(ctx.dtypes[1])  # (out, p·r)
         return grad_x, g, grad_a, grad_up, None, None
 
 
@@ -280,13 +284,13 @@ class LoraAdapter(nn.Module):
         dtype = y.dtype if y.dtype in (torch.bfloat16, torch.float16) else self.lora_a.dtype
         x2 = x.reshape(-1, g.in_features).to(dtype)  # (N, in)
         y2 = y.reshape(-1, g.out_features)  # (N, out)
-        a, up = self.lora_a.to(dtype), self.up().to(dtype)
         p = self.config.dropout if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         with torch.autocast(x.device.type, enabled=False):
             if torch.is_grad_enabled():
-                out = _LoraLinear.apply(x2, y2.to(dtype), a, up, self.scale, p)
+                out = _LoraLinear.apply(x2, y2.to(dtype), self.lora_a, self.up(), self.scale, p)
             else:
                 x2 = self.dropout(x2)
+                a, up = self.lora_a.to(dtype), self.up().to(dtype)
                 out = y2.to(dtype).addmm_(x2 @ a.t(), up.t(), alpha=self.scale)
         return out.to(y.dtype).view(y.shape)
 
