@@ -261,6 +261,30 @@ def test_fused_dropout_gradients_match_the_mask_it_drew():
         torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
 
 
+def test_plain_update_taken_on_gpus_equals_the_fused_node():
+    """`_plain_update` (the GPU path) against `_LoraLinear` (the CPU path) in float64: same output and
+    gradients without dropout; with dropout, the formula with the mask F.dropout draws from the same seed."""
+    from lorakit.layers import _LoraLinear, _plain_update
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(20, 10, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    plain, fused = _plain_update(x, y, a, up, 0.5, 0.0), _LoraLinear.apply(x, y, a, up, 0.5, 0.0)
+    assert (plain - y).abs().max() > 0.1
+    torch.testing.assert_close(plain, fused, atol=1e-12, rtol=0)
+    gout = torch.randn_like(plain)
+    for u, v in zip(grads(plain, gout, x, a, up), grads(fused, gout, x, a, up)):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+    torch.manual_seed(0)
+    xd = F.dropout(x, 0.3, training=True)
+    torch.manual_seed(0)
+    out = _plain_update(x, y, a, up, 0.5, 0.3)
+    assert (xd == 0).any()
+    torch.testing.assert_close(out, y + 0.5 * (xd @ a.T) @ up.T, atol=1e-12, rtol=0)
+
+
 def test_dropout_saves_a_bool_mask_not_a_copy_of_x():
     """For backward, a LoRA layer with dropout keeps x itself and a 1-byte mask, not x ⊙ mask in fp32."""
     layer = LoraLayer(nn.Linear(64, 64))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Literal
@@ -201,6 +202,12 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, g, grad_a, grad_up, None, None
 
 
+def _plain_update(x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
+    """What `_LoraLinear` computes, as plain autograd ops in x's dtype: y + s · (dropout(x) · Aᵀ) · upᵀ."""
+    xd = F.dropout(x, p, training=True) if p > 0 else x
+    return torch.addmm(y, xd @ a.to(x.dtype).t(), up.to(x.dtype).t(), alpha=scale)
+
+
 class LoraAdapter(nn.Module):
     """The trainable part of one adapter on one layer.
 
@@ -275,23 +282,30 @@ class LoraAdapter(nn.Module):
     def add_to(self, x: Tensor, y: Tensor) -> Tensor:
         """y + s · B·A·dropout(x): the base's output y with this adapter's update added.
 
-        Linear and Conv1D bases take one fused autograd node (`_LoraLinear`); without autograd the
-        update is added into y in place. The matmuls run in y's dtype when it is 16-bit (a bf16 base or
-        autocast) and in the adapter's dtype otherwise."""
+        Linear and Conv1D bases: on CPU, one fused autograd node (`_LoraLinear`), which saves x and a
+        bool mask rather than a dropped copy of x; on a GPU, where steps of this size are bound by the
+        host's launch overhead rather than by the matmuls, the same update as plain autograd ops
+        (`_plain_update`: fewer Python steps per layer). Without autograd the update is added into y in
+        place. The matmuls run in y's dtype when it is 16-bit (a bf16 base or autocast) and in the
+        adapter's dtype otherwise."""
         g = self.geometry
         if g.kind not in ("linear", "conv1d"):
             return y + self(x).to(y.dtype)
         dtype = y.dtype if y.dtype in (torch.bfloat16, torch.float16) else self.lora_a.dtype
         x2 = x.reshape(-1, g.in_features).to(dtype)  # (N, in)
-        y2 = y.reshape(-1, g.out_features)  # (N, out)
+        y2 = y.reshape(-1, g.out_features).to(dtype)  # (N, out)
         p = self.config.dropout if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        with torch.autocast(x.device.type, enabled=False):
-            if torch.is_grad_enabled():
-                out = _LoraLinear.apply(x2, y2.to(dtype), self.lora_a, self.up(), self.scale, p)
-            else:
-                x2 = self.dropout(x2)
-                a, up = self.lora_a.to(dtype), self.up().to(dtype)
-                out = y2.to(dtype).addmm_(x2 @ a.t(), up.t(), alpha=self.scale)
+        device = x.device.type
+        if torch.is_grad_enabled() and device != "cpu":
+            out = _plain_update(x2, y2, self.lora_a, self.up(), self.scale, p)
+        else:
+            # The dtypes are chosen above; autocast (entered only when on: entering costs time) would recast.
+            with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+                if torch.is_grad_enabled():
+                    out = _LoraLinear.apply(x2, y2, self.lora_a, self.up(), self.scale, p)
+                else:
+                    x2 = self.dropout(x2)
+                    out = y2.addmm_(x2 @ self.lora_a.to(dtype).t(), self.up().to(dtype).t(), alpha=self.scale)
         return out.to(y.dtype).view(y.shape)
 
     @torch.no_grad()
