@@ -584,6 +584,10 @@ def section(raw: dict[str, Any]) -> str:
         "<!-- written by `python -m benchmarks` (benchmarks/perf.py); rerun it rather than editing the numbers -->",
         "",
         *(["**Quick smoke test** (`--quick`): tiny random models and batches, not a benchmark.", ""] if quick else []),
+        *(["The goals are the issue's, set for the CPU. At these batch sizes a GPU step is bound by the host's "
+           "kernel launches, not by arithmetic, so the floor is far cheaper relative to each extra operation and "
+           "LoRA's small matmuls weigh far more than their share of the FLOPs.", ""]
+          if raw["device"] == "cuda" else []),
         "Speed and memory of one LoRA training step, of inference, and of a mixed-adapter batch, lorakit and "
         "HF PEFT side by side on the same base weights and the same batch. The **floor** is the same model with "
         "every parameter frozen except the head (none for the causal LM, whose head is tied to its embeddings and "
@@ -675,8 +679,9 @@ def _git(*args: str) -> str:
 
 
 def tree() -> str:
-    """`git describe` of the checkout; in a copy without .git (a GPU machine's), $LORAKIT_GIT or "unknown"."""
-    return _git("describe", "--always", "--dirty").strip() or os.environ.get("LORAKIT_GIT", "unknown")
+    """$LORAKIT_GIT where set (a copy of the tree sent to another machine, whose .git, if any, is not the
+    source's), else `git describe` of the checkout, else "unknown"."""
+    return os.environ.get("LORAKIT_GIT") or _git("describe", "--always", "--dirty").strip() or "unknown"
 
 
 def source_state() -> str:
@@ -686,8 +691,8 @@ def source_state() -> str:
 
 
 def environment(device: str) -> dict[str, Any]:
-    dirty = [line.split(maxsplit=1)[1] for line in _git("status", "--porcelain", "--", "src").splitlines()
-             if line.strip()]
+    dirty = [] if os.environ.get("LORAKIT_GIT") else \
+        [line.split(maxsplit=1)[1] for line in _git("status", "--porcelain", "--", "src").splitlines() if line.strip()]
     name = machine() + (f"; device {torch.cuda.get_device_name(0)}" if device == "cuda" else "")
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": name,
             "versions": versions(), "git": tree(), "dirty": dirty,

@@ -3,10 +3,14 @@
     python -m benchmarks.sentiment            # ~30 min on 2 CPU cores; rewrites its section of benchmarks/results.md
     python -m benchmarks.sentiment --quick    # smoke test (256 examples, 1 epoch, ~2.5 min); writes to a temp dir
 
-1. lorakit LoRA: the default `RunConfig()` — LoRA on query,value, the classifier trained in full.
-2. lorakit full fine-tuning: the same run with `lora.method = "full"` and lr 5e-5.
-3. Hugging Face PEFT + `transformers.Trainer`, with the hyperparameters of (1) read from the same RunConfig,
-   on exactly the texts and labels of lorakit's train/validation/test split.
+1. lora: lorakit LoRA, the default `RunConfig()` — LoRA on query,value, the classifier trained in full.
+2. lora-bf16: the same with `train.bf16 = true` (bf16 autocast; the adapters stay fp32).
+3. full: lorakit full fine-tuning, the run of (1) with `lora.method = "full"` and lr 5e-5.
+4. peft: Hugging Face PEFT + `transformers.Trainer`, with the hyperparameters of (1) read from the same
+   RunConfig, on exactly the texts and labels of lorakit's train/validation/test split.
+5. peft-bf16: the same with `TrainingArguments(bf16=True)`.
+
+    python -m benchmarks.sentiment --methods lora-bf16,peft   # some of them
 
 Wall-clock is the whole job, as `lorakit train` does it: load tokenizer and model, tokenize, test before,
 train with per-epoch validation and checkpoints, restore the best-validation weights, test after, save.
@@ -49,6 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results.md"
 FULL_LR = 5e-5  # the usual BERT fine-tuning rate; full fine-tuning at LoRA's 1e-3 diverges
 QUICK = ["--data.max_train", "256", "--train.epochs", "1"]
 SPLITS = ("train", "val", "test")
+METHODS = ("lora", "lora-bf16", "full", "peft", "peft-bf16")
 
 
 def silent(*args: Any) -> None:
@@ -59,7 +64,7 @@ def tagged(tag: str):
     return lambda *args: print(f"[{tag}]", *args, flush=True)
 
 
-# ---------------------------------------------------------------- the three runs
+# ---------------------------------------------------------------- the runs
 
 
 def run_lorakit(name: str, cfg: RunConfig, work: Path) -> dict[str, Any]:
@@ -103,14 +108,15 @@ def data_facts(data: dict[str, tuple[list[str], list[int]]], label_names: list[s
 
 
 def run_peft(cfg: RunConfig, data: dict[str, tuple[list[str], list[int]]], label_names: list[str],
-             work: Path) -> dict[str, Any]:
-    """PEFT LoRA + transformers.Trainer with cfg's hyperparameters, on lorakit's split."""
+             work: Path, bf16: bool = False) -> dict[str, Any]:
+    """PEFT LoRA + transformers.Trainer with cfg's hyperparameters, on lorakit's split; bf16 autocast if asked."""
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               Trainer, TrainingArguments)
 
     path = cfg.model.path or hub.minilm_dir()
-    log = tagged("peft")
+    name = "peft-bf16" if bf16 else "peft"
+    log = tagged(name)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(cfg.train.seed)  # as lorakit's prepare() does, so the fresh classifier is the same one
@@ -131,7 +137,7 @@ def run_peft(cfg: RunConfig, data: dict[str, tuple[list[str], list[int]]], label
     sets = {s: encode(*data[s]) for s in SPLITS}
     steps = cfg.train.epochs * math.ceil(len(sets["train"]) / cfg.train.batch_size)
     args = TrainingArguments(
-        output_dir=str(work / "peft-trainer"),
+        output_dir=str(work / f"{name}-trainer"),
         num_train_epochs=cfg.train.epochs,
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.eval_batch_size,
@@ -153,6 +159,7 @@ def run_peft(cfg: RunConfig, data: dict[str, tuple[list[str], list[int]]], label
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
+        bf16=bf16,
     )
 
     def accuracy(p) -> dict[str, float]:
@@ -166,12 +173,12 @@ def run_peft(cfg: RunConfig, data: dict[str, tuple[list[str], list[int]]], label
     trainer.train()
     after = trainer.predict(sets["test"]).metrics["test_accuracy"]
     log(f"test accuracy after training (best validation epoch restored): {after:.4f}")
-    model.save_pretrained(work / "peft-adapter")
+    model.save_pretrained(work / f"{name}-adapter")
     seconds = time.perf_counter() - start
 
-    weights = work / "peft-adapter" / "adapter_model.safetensors"
+    weights = work / f"{name}-adapter" / "adapter_model.safetensors"
     history = trainer.state.log_history
-    return {"method": "peft", "trainable_params": trainable, "lr": cfg.train.lr, "test_before": before,
+    return {"method": name, "trainable_params": trainable, "lr": cfg.train.lr, "test_before": before,
             "test_after": after, "val_by_epoch": [h["eval_accuracy"] for h in history if "eval_accuracy" in h],
             "steps": trainer.state.global_step, "seconds": seconds, "file": weights.name,
             "file_bytes": weights.stat().st_size}
@@ -180,7 +187,8 @@ def run_peft(cfg: RunConfig, data: dict[str, tuple[list[str], list[int]]], label
 # ---------------------------------------------------------------- the report
 
 
-LABELS = {"lora": "lorakit LoRA", "full": "lorakit full fine-tuning", "peft": "PEFT LoRA + Trainer"}
+LABELS = {"lora": "lorakit LoRA", "lora-bf16": "lorakit LoRA, bf16 autocast", "full": "lorakit full fine-tuning",
+          "peft": "PEFT LoRA + Trainer", "peft-bf16": "PEFT LoRA + Trainer, bf16 autocast"}
 
 
 def environment() -> dict[str, Any]:
@@ -216,23 +224,33 @@ def _points(a: float, b: float) -> str:
 
 
 def comparison(by: dict[str, dict[str, Any]], facts: dict[str, Any]) -> str:
-    """Three or four sentences read off the numbers."""
-    lora, full, peft = by["lora"], by["full"], by["peft"]
+    """A few sentences read off the numbers of the runs that were made."""
+    lora, full, peft, fast = by.get("lora"), by.get("full"), by.get("peft"), by.get("lora-bf16")
     n_test, majority = facts["sizes"]["test"], facts["majority_share"]["test"]
-    out = [
-        f"lorakit LoRA trains {lora['trainable_params'] / full['trainable_params']:.2%} of the parameters that "
-        f"full fine-tuning trains and reaches {lora['test_after']:.1%} test accuracy against "
-        f"{full['test_after']:.1%} ({_points(lora['test_after'], full['test_after'])}), in a run "
-        f"{_times(lora['seconds'], full['seconds'])}, with a file {full['file_bytes'] / lora['file_bytes']:.0f}× "
-        f"smaller.",
-        f"With the same hyperparameters, lorakit LoRA and PEFT + Trainer reach {lora['test_after']:.1%} and "
-        f"{peft['test_after']:.1%} ({_points(lora['test_after'], peft['test_after'])} for lorakit); lorakit's run "
-        f"is {_times(lora['seconds'], peft['seconds'])} ({lora['seconds']:.0f} s vs {peft['seconds']:.0f} s).",
-    ]
-    p = lora["test_after"]
+    out = []
+    if lora and full:
+        out.append(
+            f"lorakit LoRA trains {lora['trainable_params'] / full['trainable_params']:.2%} of the parameters that "
+            f"full fine-tuning trains and reaches {lora['test_after']:.1%} test accuracy against "
+            f"{full['test_after']:.1%} ({_points(lora['test_after'], full['test_after'])}), in a run "
+            f"{_times(lora['seconds'], full['seconds'])}, with a file {full['file_bytes'] / lora['file_bytes']:.0f}× "
+            f"smaller.")
+    if lora and peft:
+        out.append(
+            f"With the same hyperparameters, lorakit LoRA and PEFT + Trainer reach {lora['test_after']:.1%} and "
+            f"{peft['test_after']:.1%} ({_points(lora['test_after'], peft['test_after'])} for lorakit); lorakit's "
+            f"run is {_times(lora['seconds'], peft['seconds'])} ({lora['seconds']:.0f} s vs {peft['seconds']:.0f} s).")
+    others = [(k, by[k]) for k in ("peft", "peft-bf16") if k in by]
+    if fast and others:
+        out.append(
+            f"End to end (the goal: a run at least 2× faster than PEFT + Trainer's, to the same test accuracy), "
+            f"lorakit LoRA with bf16 autocast takes {fast['seconds']:.0f} s to {fast['test_after']:.1%}; "
+            + "; ".join(f"{LABELS[k]} takes {r['seconds']:.0f} s to {r['test_after']:.1%}, "
+                        f"{r['seconds'] / fast['seconds']:.2f}× lorakit's time" for k, r in others) + ".")
+    p = next(iter(by.values()))["test_after"]
     se = math.sqrt(p * (1 - p) / n_test)
     befores = [f"{r['test_before']:.1%}" for r in by.values()]
-    start = (f"All three start from the same untrained model and fresh head ({befores[0]} test accuracy before "
+    start = (f"All runs start from the same untrained model and fresh head ({befores[0]} test accuracy before "
              f"training)" if len(set(befores)) == 1 else
              f"The untrained models differ ({', '.join(befores)} test accuracy before training)")
     out.append(f"{start}; one seed and {n_test:,} test examples give a standard error near {100 * se:.1f} points, "
@@ -255,11 +273,26 @@ def section(results: list[dict[str, Any]], env: dict[str, Any], cfg: RunConfig, 
             f"| {' / '.join(f'{v:.4f}' for v in r['val_by_epoch'])} | {r['seconds']:,.0f} s "
             f"({r['seconds'] / 60:.1f} min) | {_size(r['file_bytes'])} |" for r in results]
     git = f" (git {env['git']})" if env["git"] else ""
+    about = {
+        "lora": f"- **lorakit LoRA**: the default `RunConfig()` — LoRA r={cfg.lora.r}, α={alpha:g}, dropout "
+                f"{cfg.lora.dropout:g} on {targets}; the classifier trains in full; lr {cfg.train.lr:g}.",
+        "lora-bf16": "- **lorakit LoRA, bf16 autocast**: the same run with `train.bf16 = true`: the forward "
+                     "autocasts to bfloat16, the adapters and the head stay fp32.",
+        "full": f"- **lorakit full fine-tuning**: `lora.method = \"full\"`, every weight trains, lr {FULL_LR:g}: at "
+                f"LoRA's {cfg.train.lr:g}, full fine-tuning of BERT diverges (in a shorter check, 4,096 examples "
+                f"for one epoch, the loss stayed near ln 2 and the model answered the majority class for every text).",
+        "peft": "- **PEFT LoRA + Trainer**: `LoraConfig(task_type=\"SEQ_CLS\")` (the classifier trains in full) and "
+                "`transformers.Trainer` with the lorakit LoRA hyperparameters, on the same texts and labels. What "
+                "still differs: the data order and length grouping (Trainer's `LengthGroupedSampler`), the LoRA A "
+                "init draw, warmup ramping from 0 instead of lr/(warmup+1), and Trainer exempting biases from "
+                "weight decay.",
+        "peft-bf16": "- **PEFT LoRA + Trainer, bf16 autocast**: the same with `TrainingArguments(bf16=True)`.",
+    }
     lines = [
         TITLE,
         "",
         *(["**Quick smoke test** (`--quick`): a tiny budget, not a benchmark.", ""] if quick else []),
-        f"all-MiniLM-L6-v2 fine-tuned for Rotten Tomatoes sentiment three ways, on one split — "
+        f"all-MiniLM-L6-v2 fine-tuned for Rotten Tomatoes sentiment several ways, on one split — "
         f"{sizes['train']:,} train / {sizes['val']:,} validation / {sizes['test']:,} test snippets, split by a "
         f"hash of the text, {cfg.model.max_length} tokens at most — and one budget: {cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}, "
         f"batch {cfg.train.batch_size}, AdamW (weight decay {cfg.train.weight_decay:g}), {cfg.train.warmup:.0%} "
@@ -280,18 +313,10 @@ def section(results: list[dict[str, Any]], env: dict[str, Any], cfg: RunConfig, 
         "|---|---:|---|---|---:|---:|",
         *rows,
         "",
-        f"- **lorakit LoRA**: the default `RunConfig()` — LoRA r={cfg.lora.r}, α={alpha:g}, dropout "
-        f"{cfg.lora.dropout:g} on {targets}; the classifier trains in full; lr {by['lora']['lr']:g}.",
-        f"- **lorakit full fine-tuning**: `lora.method = \"full\"`, every weight trains, lr {by['full']['lr']:g}: "
-        f"at LoRA's {by['lora']['lr']:g}, full fine-tuning of BERT diverges (in a shorter check, 4,096 examples "
-        f"for one epoch, the loss stayed near ln 2 and the model answered the majority class for every text).",
-        "- **PEFT LoRA + Trainer**: `LoraConfig(task_type=\"SEQ_CLS\")` (the classifier trains in full) and "
-        "`transformers.Trainer` with the lorakit LoRA hyperparameters, on the same texts and labels. What still "
-        "differs: the data order and length grouping (Trainer's `LengthGroupedSampler`), the LoRA A init draw, "
-        "warmup ramping from 0 instead of lr/(warmup+1), and Trainer exempting biases from weight decay.",
+        *(about[r["method"]] for r in results),
         "- wall-clock: the whole job — load, tokenize, test before, train with per-epoch validation and "
         "checkpoints, restore the best epoch, test after, save. File size: the saved weights file "
-        f"({by['lora']['file']} for the adapters, {by['full']['file']} for full fine-tuning).",
+        "(adapter_model.safetensors for the adapters, model.safetensors for full fine-tuning).",
         "",
         comparison(by, facts),
         "",
@@ -308,11 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results file whose section to rewrite (default: benchmarks/results.md; with --quick, "
                              "a new temporary directory); sentiment.json goes beside it")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, run in this order, from: {', '.join(METHODS)}")
     parser.add_argument("--from-json", type=Path, default=None, metavar="JSON",
                         help="train nothing: rewrite the section from the sentiment.json of an earlier run "
                              "(default --out: the results.md beside it)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"unknown method {unknown[0] if unknown else ''!r}; methods: {', '.join(METHODS)}")
 
     if args.from_json:
         raw = json.loads(args.from_json.read_text(encoding="utf-8"))
@@ -327,14 +358,19 @@ def main(argv: list[str] | None = None) -> int:
         base = QUICK if quick else []
         cfg = build_config(None, base)
         full_cfg = build_config({"lora": {"method": "full"}, "train": {"lr": FULL_LR}}, base)
+        bf16_cfg = build_config({"train": {"bf16": True}}, base)
         env = environment()
         data, label_names = lorakit_split(cfg)
         facts = data_facts(data, label_names)
         print(f"split: {facts['sizes']}; torch threads {torch.get_num_threads()}", flush=True)
         with tempfile.TemporaryDirectory(prefix="lorakit-bench-runs-") as tmp:
             work = Path(tmp)
-            results = [run_lorakit("lora", cfg, work), run_lorakit("full", full_cfg, work),
-                       run_peft(cfg, data, label_names, work)]
+            runs = {"lora": lambda: run_lorakit("lora", cfg, work),
+                    "lora-bf16": lambda: run_lorakit("lora-bf16", bf16_cfg, work),
+                    "full": lambda: run_lorakit("full", full_cfg, work),
+                    "peft": lambda: run_peft(cfg, data, label_names, work),
+                    "peft-bf16": lambda: run_peft(cfg, data, label_names, work, bf16=True)}
+            results = [runs[m]() for m in methods]
 
     for r in results:
         bad = [k for k in ("test_before", "test_after", "seconds") if not math.isfinite(r[k])]

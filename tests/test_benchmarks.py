@@ -24,18 +24,19 @@ def test_sentiment_benchmark_quick(tmp_path):
     text = out.read_text()
     assert "## Another section\n\nkept as is" in text
     assert text.count("## Sentiment: LoRA vs full fine-tuning vs PEFT + Trainer") == 1
-    rows = [line for line in text.splitlines()
-            if line.startswith(("| lorakit LoRA |", "| lorakit full fine-tuning |", "| PEFT LoRA + Trainer |"))]
-    assert len(rows) == 3, text
+    rows = [line for line in text.splitlines() if line.startswith(("| lorakit ", "| PEFT "))]
+    assert len(rows) == 5, text
+    assert "End to end" in text
     for row in rows:
         after = float(row.split("|")[3].split("→")[1].strip().strip("*"))
         assert math.isfinite(after) and 0 <= after <= 1, row
 
     raw = json.loads((tmp_path / "sentiment.json").read_text())
     assert raw["quick"] and raw["data"]["sizes"]["train"] == 256
-    assert [r["method"] for r in raw["results"]] == ["lora", "full", "peft"]
+    assert [r["method"] for r in raw["results"]] == ["lora", "lora-bf16", "full", "peft", "peft-bf16"]
     for r in raw["results"]:
         assert all(math.isfinite(r[k]) for k in ("test_before", "test_after", "seconds")), r
         assert r["trainable_params"] > 0 and r["file_bytes"] > 0
-    lora, full, peft = raw["results"]
-    assert lora["trainable_params"] == peft["trainable_params"] < full["trainable_params"]
+    lora, fast, full, peft, peft_fast = raw["results"]
+    assert lora["trainable_params"] == fast["trainable_params"] == peft["trainable_params"] \
+        == peft_fast["trainable_params"] < full["trainable_params"]

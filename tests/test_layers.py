@@ -271,7 +271,7 @@ def test_plain_update_taken_on_gpus_equals_the_fused_node():
     y = torch.randn(20, 10, generator=g, dtype=torch.float64)
     a = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
     up = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    plain, fused = _plain_update(x, y, a, up, 0.5, 0.0), _LoraLinear.apply(x, y, a, up, 0.5, 0.0)
+    plain, fused = _plain_update(x, y, a, up, 0.5, 0.0), _LoraLinear.apply(x, y, a, up, 0.5, None, 0.0)
     assert (plain - y).abs().max() > 0.1
     torch.testing.assert_close(plain, fused, atol=1e-12, rtol=0)
     gout = torch.randn_like(plain)
@@ -337,3 +337,66 @@ def test_keep_mask_drops_p_of_the_entries_independently():
     assert abs((words[:, 0] * words[:, 3]).mean().item() - p * p) < 0.003
     keep2, _ = _keep_mask(x, 0.1)
     assert not torch.equal(keep, keep2)
+
+
+def test_fast_dropout_draws_bernoulli_masks_scales_and_backpropagates_through_them():
+    from lorakit import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.1)
+    x = torch.rand(400, 500) + 0.5  # no zeros: a zero in the output is a dropped entry
+    x.requires_grad_()
+    out = drop(x)
+    kept = out != 0
+    p = round(0.1 * 65536) / 65536
+    n = x.numel()
+    assert abs((~kept).sum().item() / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    torch.testing.assert_close(out[kept], (x / (1 - p))[kept], atol=1e-6, rtol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_fast_dropout_swaps_the_base_dropout_but_not_the_adapters(minilm):
+    from lorakit import FastDropout, fast_dropout, inject
+
+    inject(minilm, ["query", "value"], r=4, dropout=0.2)
+    plain = sum(type(m) is nn.Dropout for m in minilm.modules())
+    assert fast_dropout(minilm) == plain - 12  # every dropout but the 12 adapters'
+    for m in minilm.modules():
+        if isinstance(m, LoraLayer):
+            assert all(type(a.dropout) is nn.Dropout and a.dropout.p == 0.2 for a in m.adapters.values())
+    swapped = [m for m in minilm.modules() if type(m) is FastDropout]
+    assert len(swapped) == plain - 12 and all(m.p == 0.1 for m in swapped)
+    assert fast_dropout(minilm) == 0
+
+
+def test_layers_reading_the_same_input_share_one_dropout_mask():
+    """q and v of one attention read the same x: with dropout they drop the same entries (one draw) while
+    the graph holding the mask lives; a layer called twice, another x, or x changed in place draw anew."""
+    torch.manual_seed(0)
+    layers = [LoraLayer(nn.Linear(8, 8).double()) for _ in range(2)]
+    for layer in layers:
+        a = layer.add("default", LoraConfig(r=8, alpha=8, dropout=0.4))
+        with torch.no_grad():
+            a.lora_a.copy_(torch.eye(8, dtype=torch.float64))
+            a.lora_b.copy_(torch.eye(8, dtype=torch.float64))
+        layer.train()
+    x = (torch.rand(64, 8, dtype=torch.float64) + 0.5).requires_grad_()
+    kept = []  # the outputs, and with them the graphs that hold the masks
+
+    def dropped(layer, inp):
+        kept.append(out := layer(inp))
+        return (out - layer.base(inp)).detach() == 0  # A = B = I: the update is dropout(x)
+
+    first, second = dropped(layers[0], x), dropped(layers[1], x)
+    assert 0.25 < first.double().mean() < 0.55
+    assert torch.equal(first, second)
+    assert not torch.equal(first, dropped(layers[1], x))  # the same layer again
+    assert not torch.equal(first, dropped(layers[0], x * 1.0))  # a new tensor
+    y = x.detach().clone()
+    before = dropped(layers[0], y)
+    with torch.no_grad():
+        y.mul_(1.0)
+    assert not torch.equal(before, dropped(layers[1], y))  # changed in place

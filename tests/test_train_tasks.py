@@ -30,3 +30,22 @@ def test_evaluate_equals_one_text_at_a_time(tmp_path):
     assert got["accuracy"] == (logits.argmax(-1) == labels).sum().item() / s.size
     assert math.isclose(got["loss"], sum(loss.item() for loss, _ in one) / s.size, rel_tol=1e-5)
     assert 0 < got["accuracy"] < 1  # a random head: neither all right nor all wrong
+
+
+def test_cpu_training_switches_attention_with_dropout_to_eager():
+    from conftest import make_tiny_llama
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorakit.train.tasks import eager_attention_for_dropout
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32))
+    assert bert.config._attn_implementation == "sdpa" and bert.config.attention_probs_dropout_prob > 0
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        before = bert.eval()(x).logits
+    assert eager_attention_for_dropout(bert) and bert.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(bert(x).logits, before, atol=1e-5, rtol=0)
+    llama = make_tiny_llama()  # attention_dropout 0: SDPA stays
+    assert not eager_attention_for_dropout(llama) and llama.config._attn_implementation == "sdpa"

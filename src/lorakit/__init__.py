@@ -6,7 +6,9 @@ from .adapters import (
 )
 from .files import AdapterFileError, fingerprint, hot_swap, load_adapter, read_adapter, save_adapter
 from .inject import InjectReport, Replacement, Summary, freeze, inject, output_head, resolve_targets, summary
-from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, is_hf_conv1d, kind_of
+from .layers import (
+    FastDropout, Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, fast_dropout, is_hf_conv1d, kind_of,
+)
 from .merge import MergeReport, lora_layers, merge, merge_and_unload, unmerge
 from .quant import QuantReport, StorageTable, dequantize, is_quantized, quantize_base, storage_table
 
@@ -14,9 +16,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError", "SavedModule", "active_adapter", "combine_adapters", "delete_adapter",
-    "disable_adapters", "enable_adapters", "fingerprint", "hot_swap", "list_adapters", "load_adapter",
+    "disable_adapters", "enable_adapters", "fast_dropout", "fingerprint", "hot_swap", "list_adapters", "load_adapter",
     "mixed_batch", "read_adapter", "save_adapter", "set_adapter",
-    "Geometry", "InjectReport", "LoraAdapter", "LoraConfig", "LoraLayer", "Replacement", "Summary",
+    "FastDropout", "Geometry", "InjectReport", "LoraAdapter", "LoraConfig", "LoraLayer", "Replacement", "Summary",
     "freeze", "inject", "is_hf_conv1d", "kind_of", "lora_layers", "merge", "merge_and_unload",
     "output_head", "resolve_targets", "summary", "unmerge",
     "MergeReport", "QuantReport", "StorageTable", "dequantize", "is_quantized", "quantize_base", "storage_table",

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
+import weakref
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
@@ -45,7 +47,8 @@ class LoraConfig:
     """Settings of one adapter.
 
     r: rank of the update. alpha: scale numerator (default r, so s = 1). dropout: probability on
-    the adapter's input. rslora: scale by alpha / sqrt(r) instead of alpha / r. init: A drawn
+    the adapter's input; LoRA Linears that read the same input in turn (q, k, v; gate, up) drop the same
+    entries of it, one mask, as one A for all of them would. rslora: scale by alpha / sqrt(r) instead of alpha / r. init: A drawn
     Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r). bias: which biases train —
     "none", "all" of the model's, or "lora_only" (those of adapted layers).
     """
@@ -160,23 +163,69 @@ def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     return keep, drop / 65536
 
 
+_draws = threading.local()
+
+
+def _shared_keep_mask(x: Tensor, rows: Tensor, p: float, user: nn.Module) -> tuple[Tensor, float]:
+    """`_keep_mask` for `rows` (the layer input x as the matmul reads it), shared by the LoRA layers that read
+    the same x one after another: q, k and v (gate and up) drop the same entries of their common input, one
+    draw instead of three, as a single A for the three would. The last draw is remembered by weak reference
+    to x (with its version counter, so an x changed in place draws again) and to the mask (alive while the
+    autograd graph that saved it is); a layer that already used it (one called twice) draws anew."""
+    last = getattr(_draws, "last", None)
+    if last is not None:
+        x_ref, version, asked, keep_ref, drawn, users = last
+        keep = keep_ref()
+        if (x_ref() is x and x._version == version and asked == p and keep is not None
+                and keep.shape == rows.shape and id(user) not in users):
+            users.add(id(user))
+            return keep, drawn
+    keep, drawn = _keep_mask(rows, p)
+    _draws.last = (weakref.ref(x), x._version, p, weakref.ref(keep), drawn, {id(user)})
+    return keep, drawn
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout whose mask comes from `_keep_mask` on CPU: the same Bernoulli keep with the 1/(1-p)
+    scale, p rounded to a multiple of 2⁻¹⁶, several times faster to draw than `bernoulli_`; backward
+    keeps a 1-byte mask. On other devices it is nn.Dropout (their fused kernel is already fast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep, p = _keep_mask(x, self.p)
+        return (x * keep).mul_(1.0 / (1.0 - p))
+
+
+def fast_dropout(model: nn.Module) -> int:
+    """Replace every plain nn.Dropout of `model` by a `FastDropout` of the same p, in place, leaving the
+    LoRA adapters' own dropout alone; returns how many were replaced. Training on CPU spends a sizeable
+    share of each step drawing the base model's dropout masks (BERT's hidden dropout): this draws them
+    several times faster, with the same distribution."""
+    adapters = {id(m.dropout) for m in model.modules() if isinstance(m, LoraAdapter)}
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Dropout and id(child) not in adapters]
+    for parent, name, child in swaps:
+        setattr(parent, name, FastDropout(child.p, child.inplace))
+    return len(swaps)
+
+
 class _LoraLinear(torch.autograd.Function):
     """out = y + s · (dropout(x) · Aᵀ) · upᵀ for a linear base, as one autograd node.
 
     x: (N, in), y: (N, out) the base's output, both in the compute dtype; a: (p·r, in) and up: (out, p·r)
     the adapter's own weights, cast inside the node (no separate autograd step) and given their gradients
-    back in their own dtype. Saves x itself (shared with every sibling projection that reads the same x), a
-    bool dropout mask (1 byte an element, not a dropped copy of x) and u = dropout(x)·Aᵀ (p·r values a row);
-    the scale rides in the matmuls.
+    back in their own dtype. keep: the dropout mask (None without dropout) and p the probability it was drawn
+    with (`_shared_keep_mask`). Saves x itself (shared with every sibling projection that reads the same x),
+    the bool mask (1 byte an element, not a dropped copy of x; shared by the siblings too) and
+    u = dropout(x)·Aᵀ (p·r values a row); the scale rides in the matmuls.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
+    def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, keep: Tensor | None,
+                p: float) -> Tensor:
         ctx.dtypes = a.dtype, up.dtype
         a, up = a.to(x.dtype), up.to(x.dtype)  # 16-bit copies for a 16-bit x; their gradients go back in fp32
-        keep = None
-        if p > 0:
-            keep, p = _keep_mask(x, p)
         u = (x if keep is None else x * keep) @ a.t()  # (N, p·r)
         if keep is not None:
             u.mul_(1.0 / (1.0 - p))
@@ -199,7 +248,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = (gu.t() @ (x if keep is None else x * keep)).to(ctx.dtypes[0])  # (p·r, in)
         if need_up:
             grad_up = torch.mm(g.t(), u).mul_(ctx.scale).to(ctx.dtypes[1])  # (out, p·r)
-        return grad_x, g, grad_a, grad_up, None, None
+        return grad_x, g, grad_a, grad_up, None, None, None
 
 
 def _plain_update(x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
@@ -302,7 +351,8 @@ class LoraAdapter(nn.Module):
             # The dtypes are chosen above; autocast (entered only when on: entering costs time) would recast.
             with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
                 if torch.is_grad_enabled():
-                    out = _LoraLinear.apply(x2, y2, self.lora_a, self.up(), self.scale, p)
+                    keep, p = _shared_keep_mask(x, x2, p, self) if p > 0 else (None, 0.0)
+                    out = _LoraLinear.apply(x2, y2, self.lora_a, self.up(), self.scale, keep, p)
                 else:
                     x2 = self.dropout(x2)
                     out = y2.addmm_(x2 @ self.lora_a.to(dtype).t(), self.up().to(dtype).t(), alpha=self.scale)

@@ -41,11 +41,12 @@ def versions() -> str:
             parts.append(f"{name} {module.__version__}")
         except ImportError:
             pass
+    commit = os.environ.get("LORAKIT_GIT", "")  # set where the source was copied without its own .git
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        pass
     return ", ".join(parts) + f", lorakit {__version__}" + (f" (git {commit})" if commit else "")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import inject, summary
+from .. import fast_dropout, inject, summary
 from ..inject import InjectReport
 from ..files import _only_active, adapter_spec, write_adapter
 from . import checkpoint, distributed
@@ -184,6 +184,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
     task = prepare(cfg)
     model = task.model
     apply_method(cfg, task, print_fn)
+    fast_dropout(model)  # the base's own dropout layers: the same masks' distribution, drawn faster on CPU
     if dist.rank:
         torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)  # rank k's own dropout masks
     if not any(p.requires_grad for p in model.parameters()):

@@ -118,11 +118,28 @@ def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
     build = {"classify": _classify, "causal-lm": _causal}.get(cfg.task)
     task = build(cfg, with_model) if build else _image(cfg)
     task.device, task.bf16 = device, cfg.train.bf16
+    if task.model is not None and device.type == "cpu":
+        eager_attention_for_dropout(task.model)
     if task.model is not None and cfg.model.quantize == "nf4":
         task.quant = quantize_frozen(cfg, task)
     if task.model is not None:
         task.model.to(device)
     return task
+
+
+def eager_attention_for_dropout(model: nn.Module) -> bool:
+    """On CPU, a Hugging Face model whose attention has dropout trains faster with the eager attention
+    (softmax, then the model's own dropout module, which `lorakit.fast_dropout` speeds up) than with SDPA,
+    whose CPU kernel draws the dropout mask slowly: MiniLM's bf16 step, 266 → 228 ms. Switches the model
+    to eager attention if so; True if it did."""
+    config = getattr(model, "config", None)
+    p = max((getattr(config, k, 0.0) or 0.0 for k in ("attention_probs_dropout_prob", "attention_dropout")),
+            default=0.0)
+    if not p or getattr(config, "_attn_implementation", None) != "sdpa" or \
+            not hasattr(model, "set_attn_implementation"):
+        return False
+    model.set_attn_implementation("eager")
+    return True
 
 
 def quantize_frozen(cfg: RunConfig, task: Prepared) -> QuantReport:
