@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,23 @@ def test_image_recipe_trains_and_lora_adapts_it(tmp_path, capsys):
     assert "replaced 3 modules" in out and "trainable params: 3,272" in out
     code, out, _ = run_cli(["eval", str(lora)], capsys)
     assert code == 0 and json.loads(out)["accuracy"] > 0.5
+
+
+def test_bf16_run_keeps_the_frozen_base_in_bf16_and_its_adapter_names_the_fp32_base(reviews, tmp_path, capsys):
+    from lorakit import load_adapter
+    from lorakit.train.recipe import frozen_to_bf16
+    from lorakit.train.tasks import prepare
+
+    run = tmp_path / "run"
+    code, out, err = run_cli(tiny_args(reviews, run, "--train.bf16", "true"), capsys)
+    assert code == 0, err
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 <= final["accuracy"] <= 1
+    cfg, _ = cli.load_run(str(run))
+    fp32 = prepare(cfg).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a BaseMismatch warning would fail here
+        load_adapter(fp32, run / "adapter")
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+    assert frozen_to_bf16(fp32) > 0
+    assert all((p.dtype == torch.float32) == p.requires_grad for p in fp32.parameters())

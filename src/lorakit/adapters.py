@@ -17,18 +17,19 @@ from torch import nn
 from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule
 
 
-def _holders(model: nn.Module) -> list[LoraLayer | SavedModule]:
+def holders(model: nn.Module) -> list[LoraLayer | SavedModule]:
+    """Every module of `model` that holds adapters: LoRA layers and modules_to_save copies."""
     return [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Adapter names on the model, in the order they were added."""
-    return list(dict.fromkeys(n for m in _holders(model) for n in m.adapters))
+    return list(dict.fromkeys(n for m in holders(model) for n in m.adapters))
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The active adapter's name, or None when none is active or adapters are disabled."""
-    active = {m.active for m in _holders(model) if not m.disabled and m.active is not None}
+    active = {m.active for m in holders(model) if not m.disabled and m.active is not None}
     return active.pop() if len(active) == 1 else None
 
 
@@ -39,7 +40,7 @@ def _require(model: nn.Module, name: str) -> None:
 
 
 def _refuse_merged(model: nn.Module, action: str) -> None:
-    merged = sorted({n for m in _holders(model) if isinstance(m, LoraLayer) for n in m.merged})
+    merged = sorted({n for m in holders(model) if isinstance(m, LoraLayer) for n in m.merged})
     if merged:
         raise ValueError(f"cannot {action}: adapter(s) {', '.join(merged)} are merged into the base weights; "
                          f"call lorakit.unmerge(model) first")
@@ -49,7 +50,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """Make `name` the active adapter everywhere (and enable adapters)."""
     _require(model, name)
     _refuse_merged(model, f"switch to adapter {name!r}")
-    for m in _holders(model):
+    for m in holders(model):
         m.active = name if name in m.adapters else None
         m.disabled = False
 
@@ -57,12 +58,12 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module) -> None:
     """Run the model as its base: outputs equal the base model's exactly until `enable_adapters`."""
     _refuse_merged(model, "disable adapters")
-    for m in _holders(model):
+    for m in holders(model):
         m.disabled = True
 
 
 def enable_adapters(model: nn.Module) -> None:
-    for m in _holders(model):
+    for m in holders(model):
         m.disabled = False
 
 
@@ -72,7 +73,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     merged = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.merged]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]} and others; unmerge before deleting it")
-    for m in _holders(model):
+    for m in holders(model):
         if name in m.adapters:
             del m.adapters[name]
         if m.active == name:
@@ -94,13 +95,13 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]
     if unknown:
         raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; adapters: {', '.join(sorted(known))}")
     _refuse_merged(model, "run a mixed batch")
-    holders = _holders(model)
-    for m in holders:
+    layers = holders(model)
+    for m in layers:
         m.rows = list(names)
     try:
         yield
     finally:
-        for m in holders:
+        for m in layers:
             m.rows = None
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from .adapters import _holders, list_adapters
+from .adapters import holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, weight_digest
 from .quant import dequantize, is_quantized, nf4_roundtrip
@@ -176,8 +176,8 @@ def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
 
 def _trained_biases(model: nn.Module, adapter: str, mode: str) -> dict[str, Tensor]:
     """The biases that `bias="all"` or `"lora_only"` trains, under their base-model names."""
-    inside = {id(m) for h in _holders(model) for m in h.adapters.modules()}
-    inside |= {id(m) for h in _holders(model) if isinstance(h, SavedModule) for m in h.original.modules()}
+    inside = {id(m) for h in holders(model) for m in h.adapters.modules()}
+    inside |= {id(m) for h in holders(model) if isinstance(h, SavedModule) for m in h.original.modules()}
     out = {}
     for name, m in model.named_modules():
         if id(m) in inside or isinstance(m, SavedModule):
@@ -209,7 +209,7 @@ def save_adapter(
     Only adapter tensors are written (plus `modules_to_save` and trained biases), as they are or
     cast to `dtype` (torch.bfloat16 or float16 halve the file; loading casts back to fp32). An
     existing adapter in `directory` is refused unless `overwrite=True`."""
-    adapter = adapter or _only_active(model)
+    adapter = adapter or only_active(model)
     return write_adapter(model, adapter_spec(model, adapter), directory, adapter, format, overwrite, dtype, print_fn)
 
 
@@ -246,9 +246,10 @@ def write_adapter(
     return out / WEIGHTS_NAME
 
 
-def _only_active(model: nn.Module) -> str:
+def only_active(model: nn.Module) -> str:
+    """The adapter to save or act on when none is named: the active one, or the only one."""
     names = list_adapters(model)
-    active = {m.active for m in _holders(model) if m.active is not None}
+    active = {m.active for m in holders(model) if m.active is not None}
     if len(active) == 1:
         return active.pop()
     if len(names) == 1:
@@ -533,12 +534,12 @@ def load_adapter(
         raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
     plan = _check_fits(model, spec, force, Path(directory))
     check_plan(plan, list(spec.saved), model, name)
-    had_active = any(m.active is not None for m in _holders(model))
+    had_active = any(m.active is not None for m in holders(model))
     apply_plan(model, plan, list(spec.saved), name)
     _copy_in(model, spec, name)
     bias_mode = next(iter(spec.layers.values()))[0].bias if spec.layers else "none"
     freeze(model, name, bias=bias_mode if trainable else "none")
-    for m in _holders(model):
+    for m in holders(model):
         if not trainable and name in m.adapters:
             m.adapters[name].requires_grad_(False)
         if not had_active:

@@ -47,9 +47,10 @@ class LoraConfig:
     """Settings of one adapter.
 
     r: rank of the update. alpha: scale numerator (default r, so s = 1). dropout: probability on
-    the adapter's input; LoRA Linears that read the same input in turn (q, k, v; gate, up) drop the same
-    entries of it, one mask, as one A for all of them would. rslora: scale by alpha / sqrt(r) instead of alpha / r. init: A drawn
-    Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r). bias: which biases train —
+    the adapter's input; LoRA Linears that read the same input in turn (q, k, v; gate, up) drop the
+    same entries of it, one mask, as one A for all of them would. rslora: scale by alpha / sqrt(r)
+    instead of alpha / r. init: A drawn Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r).
+    bias: which biases train —
     "none", "all" of the model's, or "lora_only" (those of adapted layers).
     """
 

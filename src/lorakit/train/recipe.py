@@ -24,7 +24,8 @@ from torch import nn
 
 from .. import fast_dropout, inject, summary
 from ..inject import InjectReport
-from ..files import _only_active, adapter_spec, write_adapter
+from ..layers import LoraLayer
+from ..files import only_active, adapter_spec, write_adapter
 from . import checkpoint, distributed
 from .config import ConfigError, RunConfig, build_config
 from .tasks import Prepared, default_targets, evaluate, prepare, resolve_device, task_head
@@ -96,6 +97,24 @@ def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
             model.get_submodule(name).requires_grad_(True)
     summary(model, print_fn=lambda table: print_fn("\n".join(
         line for line in table.splitlines()[1:] if line.endswith("trainable") or line.startswith("trainable params"))))
+
+
+def frozen_to_bf16(model: nn.Module) -> int:
+    """Store the frozen fp32 weights of a bf16-autocast run in bf16, in place; returns how many values.
+
+    Autocast casts every frozen Linear weight to bf16 again at each forward; stored in bf16 they are cast
+    once (LayerNorm and embedding weights, which autocast leaves in fp32, are rounded to bf16 too, as in
+    any bf16 base). The adapters and whatever trains stay fp32. Each LoRA layer's base fingerprint is
+    taken first, from the fp32 weights, so the saved adapter still names the base it was trained on."""
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.base_digest()
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+            n += p.numel()
+    return n
 
 
 def schedule(cfg: RunConfig, total: int):
@@ -185,6 +204,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
     model = task.model
     apply_method(cfg, task, print_fn)
     fast_dropout(model)  # the base's own dropout layers: the same masks' distribution, drawn faster on CPU
+    if cfg.train.bf16 and cfg.lora.method != "full" and cfg.model.quantize == "none" \
+            and not (dist.world > 1 and cfg.train.distributed == "fsdp"):
+        frozen_to_bf16(model)
     if dist.rank:
         torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)  # rank k's own dropout masks
     if not any(p.requires_grad for p in model.parameters()):
@@ -265,7 +287,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
     metrics.write(event="test_after", **after)
     _show_examples(task, model, "after training", print_fn)
     if cfg.lora.method == "lora":
-        name = _only_active(model)
+        name = only_active(model)
         spec = adapter_spec(model, name)  # on every rank: under FSDP this gathers the shards
         if dist.main:
             write_adapter(model, spec, run / "adapter", name, overwrite=True, print_fn=print_fn)
