@@ -100,7 +100,8 @@ class LoraSection:
 @dataclass
 class TrainSection:
     """AdamW on trainable parameters, warmup then linear or cosine decay, accumulation, clipping.
-    bf16: autocast the forward to bfloat16 (LoRA weights stay fp32). device: "auto" (CUDA when
+    bf16: autocast the forward to bfloat16 (LoRA weights stay fp32); unless every weight trains (or the
+    base is NF4, or FSDP shards it), the frozen weights are stored in bf16 too. device: "auto" (CUDA when
     available, else CPU), "cpu", "cuda" or "cuda:N". group_by_length: batch texts of
     similar length together (less padding). checkpoint_every: optimizer steps between checkpoints
     (one is also written at each epoch's end and on Ctrl-C). max_steps: stop early (smoke tests).
