@@ -165,7 +165,10 @@ def test_sigint_from_outside_checkpoints_and_resumes(reviews, tmp_path):
     out = tmp_path / "sig"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = [sys.executable, "-m", "lorakit", *tiny_args(reviews, out, "--train.epochs", "30", "--train.checkpoint_every", "1")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A job started in the background of a non-interactive shell inherits SIGINT ignored; the child here
+    # gets the default handling back, as a terminal's Ctrl-C would find it.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
