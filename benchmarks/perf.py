@@ -735,6 +735,15 @@ def measure(todo: list[Case], device: str, dtype_name: str, pool: ProcessPoolExe
     return raw
 
 
+def pick(parser: argparse.ArgumentParser, text: str, allowed: list[str] | tuple[str, ...], what: str) -> list[str]:
+    """The comma-separated names in `text`, in order; a parser error naming the first unknown one (or none)."""
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or not chosen:
+        parser.error(f"unknown {what} {unknown[0] if unknown else ''!r}; {what}s: {', '.join(allowed)}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     all_cases = [c.name for c in cases(False)]
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -762,10 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
 
-    chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in chosen if c not in all_cases]
-    if unknown or not chosen:
-        parser.error(f"unknown case {unknown[0] if unknown else ''!r}; cases: {', '.join(all_cases)}")
+    chosen = pick(parser, args.cases, all_cases, "case")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     for flag, value in (("--warmup", args.warmup), ("--memory-steps", args.memory_steps)):

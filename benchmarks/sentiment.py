@@ -46,7 +46,7 @@ from lorakit.train.config import RunConfig, build_config  # noqa: E402
 from lorakit.train.recipe import apply_method, train  # noqa: E402
 from lorakit.train.tasks import default_targets, prepare  # noqa: E402
 
-from benchmarks.perf import replace_section  # noqa: E402
+from benchmarks.perf import pick, replace_section  # noqa: E402
 
 TITLE = "## Sentiment: LoRA vs full fine-tuning vs PEFT + Trainer"
 RESULTS = Path(__file__).resolve().parent / "results.md"
@@ -340,10 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default --out: the results.md beside it)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        parser.error(f"unknown method {unknown[0] if unknown else ''!r}; methods: {', '.join(METHODS)}")
+    methods = pick(parser, args.methods, METHODS, "method")
 
     if args.from_json:
         raw = json.loads(args.from_json.read_text(encoding="utf-8"))

@@ -1,5 +1,6 @@
 """The parity checks again on a CUDA GPU, where a LoRA Linear trains through plain autograd ops: the
-update and its gradients, dropout, a bf16 base, merge, mixed batches and QLoRA. Skipped where torch sees no GPU (CI); run them on a GPU machine."""
+update and its gradients, dropout, a bf16 base, merge, mixed batches and QLoRA. Skipped where torch sees
+no GPU (CI); run them on a GPU machine."""
 
 import copy
 
@@ -9,7 +10,9 @@ from conftest import make_tiny_llama, randomize
 from torch import nn
 
 import lorakit
-from lorakit import LoraConfig, LoraLayer, quant
+from lorakit import LoraConfig, LoraLayer
+from test_layers import reference
+from test_quant import dequantized_twin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = "cuda"
@@ -26,17 +29,11 @@ def lora_linear(n_in: int, n_out: int, dtype: torch.dtype, **config) -> tuple[Lo
     return layer, a
 
 
-def dense_reference(layer: LoraLayer, x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    a = layer.adapters[layer.active]
-    xd = x if keep is None else x * keep / (1 - p)
-    return layer.base(x) + a.scale * (xd @ a.lora_a.T) @ a.lora_b.T
-
-
 def test_lora_on_cuda_equals_the_dense_formula_with_gradients():
     layer, a = lora_linear(48, 40, torch.float64, r=4, alpha=8)
     x = torch.randn(6, 9, 48, device=CUDA, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    want = dense_reference(layer, x, None, 0.0)
+    want = reference(layer, x, None, 0.0)
     assert out.device.type == CUDA and (out - layer.base(x)).abs().max() > 0.1
     torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
     g = torch.randn_like(out)
@@ -59,7 +56,7 @@ def test_dropout_on_cuda_uses_the_mask_it_drew():
         xd = ((out - layer.base(x)) / a.scale) @ torch.linalg.inv(a.lora_b.T) @ torch.linalg.inv(a.lora_a.T)
     keep = xd.abs() > 1e-6
     assert abs((1 - keep.double().mean()).item() - p) < 0.05
-    want = dense_reference(layer, x, keep, p)
+    want = reference(layer, x, keep, p)
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
     g = torch.randn_like(out)
     for u, v in zip(torch.autograd.grad(out, (x, a.lora_a, a.lora_b), g),
@@ -113,11 +110,7 @@ def test_qlora_on_cuda_equals_lora_over_the_dequantized_weights_and_trains():
     model = make_tiny_llama(64).to(CUDA)
     report = lorakit.quantize_base(model, compute_dtype=torch.bfloat16)
     assert len(report.names) == 14 and model.model.layers[0].mlp.up_proj.weight.device.type == CUDA
-    twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
-        if lorakit.is_quantized(module):
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, quant.dequantized_copy(module).to(CUDA))
+    twin = dequantized_twin(model)
     x = torch.randint(0, 120, (2, 12), device=CUDA)
     with torch.no_grad():
         base = model(x).logits.float()
