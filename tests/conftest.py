@@ -1,4 +1,6 @@
+import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +95,42 @@ def assert_untouched(model: nn.Module, state: dict) -> None:
     assert not any(isinstance(m, (LoraLayer, SavedModule)) for m in model.modules())
     now = model.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+WORDS = {"good": "a wonderful moving film, I loved every minute",
+         "bad": "a dull tedious mess, I hated every minute",
+         "meh": "an average film, some parts fine and some parts not"}
+
+
+def write_reviews(path: Path) -> Path:
+    """A 3-class CSV (columns review, verdict) of 96 short reviews."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "verdict"])
+        for i in range(96):
+            label = list(WORDS)[i % 3]
+            w.writerow([f"{WORDS[label]} (number {i})", label])
+    return path
+
+
+def save_tiny_bert(path: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer BERT 32 wide without dropout, 64 positions, with MiniLM's tokenizer, as a Hugging Face directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory):
+    return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_dir):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_dir)

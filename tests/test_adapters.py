@@ -129,6 +129,10 @@ def test_combine_validates(tiny_llama):
         lorakit.combine_adapters(tiny_llama, {"a": 1.0}, "x", method="svd")
     with pytest.raises(ValueError, match="no adapter 'zzz'"):
         lorakit.combine_adapters(tiny_llama, {"zzz": 1.0}, "x")
+    for bad in (float("nan"), float("inf"), "1", None):
+        with pytest.raises(ValueError, match=r"weight of adapter 'b' must be a finite number, got"):
+            lorakit.combine_adapters(tiny_llama, {"a": 1.0, "b": bad}, "x")
+    assert "x" not in lorakit.list_adapters(tiny_llama)
     with pytest.raises(ValueError, match="adapter 'a' already exists"):
         lorakit.combine_adapters(tiny_llama, {"b": 1.0}, "a")
 

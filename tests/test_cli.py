@@ -1,6 +1,5 @@
 """The `lorakit` command end to end on tiny inputs: every subcommand, resume, and each bad input."""
 
-import csv
 import json
 import os
 import signal
@@ -15,23 +14,9 @@ import torch
 
 from lorakit import cli
 from lorakit.train import tasks
+from lorakit.train.recipe import load_run
 
-WORDS = {"good": "a wonderful moving film, I loved every minute",
-         "bad": "a dull tedious mess, I hated every minute",
-         "meh": "an average film, some parts fine and some parts not"}
-
-
-@pytest.fixture(scope="module")
-def reviews(tmp_path_factory):
-    """A 3-class CSV of 96 short reviews."""
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["review", "verdict"])
-        for i in range(96):
-            label = list(WORDS)[i % 3]
-            w.writerow([f"{WORDS[label]} (number {i})", label])
-    return path
+from conftest import WORDS
 
 
 def tiny_args(data, out, *extra):
@@ -80,7 +65,7 @@ def test_eval_predict_merge_inspect(reviews, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    cfg, task = cli.load_run(str(run))
+    cfg, task = load_run(str(run))
     batch = task.splits["test"].collate(list(range(4)))
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch.inputs).logits, task.model(**batch.inputs).logits, atol=1e-5, rtol=0)
@@ -196,7 +181,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(reviews, tmp_path, capsys,
     if "EMPTY_MODEL_DIR" in extra:
         empty = tmp_path / "model"
         empty.mkdir()
-        (empty / "config.json").write_text("{}")
+        (empty / "config.json").write_text('{"model_type": "bert"}')
         extra = [str(empty) if e == "EMPTY_MODEL_DIR" else e for e in extra]
     out_dir = tmp_path / "out"
     code, out, err = run_cli(tiny_args(reviews, out_dir) + extra, capsys)
@@ -333,7 +318,7 @@ def test_bf16_run_keeps_the_frozen_base_in_bf16_and_its_adapter_names_the_fp32_b
     assert code == 0, err
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= final["accuracy"] <= 1
-    cfg, _ = cli.load_run(str(run))
+    cfg, _ = load_run(str(run))
     fp32 = prepare(cfg).model
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a BaseMismatch warning would fail here
@@ -341,3 +326,135 @@ def test_bf16_run_keeps_the_frozen_base_in_bf16_and_its_adapter_names_the_fp32_b
     assert all(p.dtype == torch.float32 for p in fp32.parameters())
     assert frozen_to_bf16(fp32) > 0
     assert all((p.dtype == torch.float32) == p.requires_grad for p in fp32.parameters())
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*"))}
+
+
+def bert_args(reviews, tiny_bert, out, *extra):
+    return tiny_args(reviews, out, "--model.path", str(tiny_bert), "--train.lr", "1e-2", *extra)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.path", "/no/such/file.csv"], "data file not found"),
+    (["--lora.targets", "qeury"], "target 'qeury' matches no module"),
+    (["--model.max_length", "1000"], "exceeds the 64 positions"),
+    (["--model.path", "/no/such/model"], "model.path /no/such/model not found"),
+    (["--train.lr", "inf"], "train.lr must be a finite number > 0"),
+])
+def test_overwrite_with_bad_input_keeps_the_old_run(reviews, tiny_bert, tmp_path, capsys, extra, message):
+    run = tmp_path / "run"
+    assert run_cli(bert_args(reviews, tiny_bert, run), capsys)[0] == 0
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(bert_args(reviews, tiny_bert, run, "--overwrite", *extra), capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_the_users_other_files(reviews, tiny_bert, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(bert_args(reviews, tiny_bert, run, "--lora.r", "2"), capsys)[0] == 0
+    (run / "notes.txt").write_text("mine")
+    assert run_cli(bert_args(reviews, tiny_bert, run, "--overwrite"), capsys)[0] == 0
+    assert (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "config.json").read_text())["lora"]["r"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary left beside it
+
+
+def test_killed_before_the_adapter_is_written_the_run_resumes_to_completion(reviews, tiny_bert, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The final test score is the run's last record, written after the adapter: a run stopped between the
+    two is not finished, and --resume completes it."""
+    from lorakit.train import recipe
+
+    assert run_cli(bert_args(reviews, tiny_bert, tmp_path / "whole"), capsys)[0] == 0
+    with monkeypatch.context() as m:
+        def power_cut(*args, **kwargs):
+            raise SystemExit("power cut")
+        m.setattr(recipe, "write_adapter", power_cut)
+        with pytest.raises(SystemExit):
+            cli.main(bert_args(reviews, tiny_bert, tmp_path / "cut"))
+    code, _, err = run_cli(["eval", str(tmp_path / "cut")], capsys)
+    assert code == 2 and "the run has not finished; `lorakit train --resume" in err
+    code, _, err = run_cli(["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
+    assert code == 0, err
+    assert records(tmp_path / "cut") == records(tmp_path / "whole")
+    assert run_cli(["eval", str(tmp_path / "cut")], capsys)[0] == 0
+
+
+def test_resume_applies_the_settings_that_may_change_and_records_them(reviews, tiny_bert, tmp_path, capsys,
+                                                                        monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        break_training_forward(m, 5, KeyboardInterrupt())
+        assert run_cli(bert_args(reviews, tiny_bert, run), capsys)[0] == 130
+    code, out, err = run_cli(["train", "--resume", "--out", str(run), "--train.lr", "5e-3", "--train.epochs", "3"], capsys)
+    assert code == 0, err
+    assert "resuming with train.epochs 2 → 3, train.lr 0.01 → 0.005" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 5e-3 and config["train"]["epochs"] == 3
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = next(i for i, r in enumerate(log) if r["event"] == "resume")
+    assert log[resumed]["changed"] == {"train.lr": {"from": 0.01, "to": 0.005}, "train.epochs": {"from": 2, "to": 3}}
+    assert sum(r["event"] == "val" for r in log) == 3
+    from lorakit.train.config import build_config
+    from lorakit.train.recipe import schedule
+
+    per_epoch = sum(r["event"] == "train" and r["epoch"] == 1 for r in log)  # a record every step
+    factor = schedule(build_config(config), 3 * per_epoch)  # now 3 epochs
+    for r in log[resumed:]:
+        if r["event"] == "train":  # the rate of each step after resuming: the new base rate on the new schedule
+            assert r["lr"] == pytest.approx(5e-3 * factor(r["step"]), rel=1e-9)
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(reviews, tiny_bert, tmp_path, capsys, monkeypatch):
+    """A step that leaves a weight infinite (its loss was still finite) stops the run at the next checkpoint,
+    which is not written: the checkpoint on disk is the last one whose weights are all finite."""
+    from lorakit.train import checkpoint
+
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def exploding(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", exploding)
+    run = tmp_path / "run"
+    code, _, err = run_cli(bert_args(reviews, tiny_bert, run), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "became non-finite by step 6" in err and "the last checkpoint, all of whose weights are finite, is from step 4" in err
+    assert "lorakit train --resume --out" in err and "--train.lr 0.001" in err
+    state, weights, _ = checkpoint.read(run / "checkpoint")
+    assert state["progress"]["step"] == 4 and checkpoint.first_non_finite(weights) is None
+
+
+def test_metrics_are_strict_json_when_a_metric_is_not_finite(reviews, tiny_bert, tmp_path, capsys, monkeypatch):
+    from lorakit.train import recipe
+
+    evaluate = recipe.evaluate
+
+    def nan_on_val(task, model, split, *args, **kwargs):
+        result = evaluate(task, model, split, *args, **kwargs)
+        return {**result, "loss": float("nan")} if split == "val" else result
+
+    monkeypatch.setattr(recipe, "evaluate", nan_on_val)
+    run = tmp_path / "run"
+    assert run_cli(bert_args(reviews, tiny_bert, run), capsys)[0] == 0
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in lines if r["event"] == "val"] == [None, None]

@@ -19,24 +19,9 @@ from lorakit import AdapterFileError, cli, inject
 from lorakit.files import adapter_spec, write_adapter
 from lorakit.train import tasks
 from lorakit.train.distributed import Dist
-from test_cli import records, reviews, run_cli  # noqa: F401 (reviews is a fixture)
+from test_cli import records, run_cli
 
 B = 4  # per-rank batch; the single process takes 2·B
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory, minilm_dir):
-    """A 2-layer BERT without dropout, with MiniLM's tokenizer, as a Hugging Face directory."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    BertModel(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
-    return path
 
 
 def args(data, model, out, batch, *extra):
@@ -105,14 +90,14 @@ def spawn(argv, term_at=0, timeout=1200):
 
 
 @pytest.fixture(scope="module")
-def single(reviews, tiny_bert, tmp_path_factory):  # noqa: F811
+def single(reviews, tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
     assert cli.main(args(reviews, tiny_bert, out, 2 * B)) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def ddp(reviews, tiny_bert, tmp_path_factory):  # noqa: F811
+def ddp(reviews, tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
     result = torchrun(args(reviews, tiny_bert, out, B))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,7 +133,7 @@ def test_distributed_adapter_loads_in_one_process_with_the_reported_metrics(ddp,
     assert json.loads(out)["loss"] != pytest.approx(reported["loss"], abs=1e-3)
 
 
-def test_distributed_resume_after_sigterm_gives_the_same_run(ddp, reviews, tiny_bert, tmp_path, capsys):  # noqa: F811
+def test_distributed_resume_after_sigterm_gives_the_same_run(ddp, reviews, tiny_bert, tmp_path, capsys):
     whole, _ = ddp
     cut = tmp_path / "cut"
     # Only rank 1 is signalled, at its 5th training forward (step 5): both ranks stop after that step.
@@ -164,14 +149,14 @@ def test_distributed_resume_after_sigterm_gives_the_same_run(ddp, reviews, tiny_
     assert_same_adapter(adapter(cut), adapter(whole))
 
 
-def test_fsdp_trains_as_one_process_and_saves_whole_tensors(single, reviews, tiny_bert, tmp_path):  # noqa: F811
+def test_fsdp_trains_as_one_process_and_saves_whole_tensors(single, reviews, tiny_bert, tmp_path):
     run = tmp_path / "fsdp"
     assert spawn(args(reviews, tiny_bert, run, B, "--train.distributed", "fsdp")) == [0, 0]
     assert_same_adapter(adapter(run), adapter(single))
     assert_same_records(run, single)
 
 
-def test_nproc_refuses_bad_input_before_starting(reviews, tiny_bert, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_nproc_refuses_bad_input_before_starting(reviews, tiny_bert, tmp_path, capsys, monkeypatch):
     from lorakit.train import distributed
 
     monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("launched torchrun on bad input"))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit import AdapterFileError, LoraLayer
+from lorakit.files import BaseMismatch, UnverifiedBase
 
 from conftest import assert_untouched, plain_state, randomize
 
@@ -37,7 +38,7 @@ def test_round_trip_identical_logits_only_adapter_tensors(minilm, tmp_path):
     assert (got - base(TOKENS).logits).abs().max() > 1e-3
     assert not any(p.requires_grad for p in fresh.parameters())
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["format_version"] == "1.0" and config["lora"]["r"] == 8
+    assert config["format_version"] == "1.1" and config["lora"]["r"] == 8
     assert config["base"]["architecture"] == "BertForSequenceClassification"
     assert len(config["layers"]) == 12 and len(config["base"]["weights_sha256"]) == 64
 
@@ -81,7 +82,7 @@ def test_save_prints_size(minilm, tmp_path):
     _, model = trained_minilm(minilm)
     out = []
     lorakit.save_adapter(model, tmp_path, print_fn=out.append)
-    assert "24 tensors, 290.7 KiB" in out[0]  # 288 KiB of fp32 values plus the header
+    assert "24 tensors, 291.7 KiB" in out[0]  # 288 KiB of fp32 values plus the header and its metadata
 
 
 # ---------------------------------------------------------------- PEFT both ways
@@ -104,7 +105,8 @@ def peft_round_trips(base, model, targets, tmp_path, tokens):
     twin.save_pretrained(tmp_path / "theirs")
     peft_logits = twin(input_ids=tokens).logits
     ours = copy.deepcopy(base)
-    lorakit.load_adapter(ours, tmp_path / "theirs")
+    with pytest.warns(UnverifiedBase, match="carries no base fingerprint"):  # PEFT files have none
+        lorakit.load_adapter(ours, tmp_path / "theirs")
     got = ours(tokens).logits
     torch.testing.assert_close(got, peft_logits, atol=1e-5, rtol=0)
     assert (got - base(tokens).logits).abs().max() > 1e-3
@@ -181,6 +183,7 @@ def test_refuses_shape_mismatch_naming_keys(saved, tmp_path):
     save_file(tensors, bad / "adapter_model.safetensors")
     config = json.loads((path / "adapter_config.json").read_text())
     del config["weights_sha256"]
+    config["format_version"] = "1.0"  # a file of the format before settings digests, written by hand
     (bad / "adapter_config.json").write_text(json.dumps(config))
     assert_refused(base, bad, r"query.lora_a has shape \(8, 500\) in the file but \(8, 384\) here")
 
@@ -199,7 +202,7 @@ def test_refuses_flipped_bytes_by_hash(saved):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert_refused(base, path, "does not match the hash")
+    assert_refused(base, path, "does not match its checksum")
 
 
 def test_refuses_a_pickle_and_never_unpickles(saved):
@@ -212,7 +215,7 @@ def test_refuses_a_pickle_and_never_unpickles(saved):
             return (exec, ("raise SystemExit('unpickled!')",))
 
     (path / "adapter_model.safetensors").write_bytes(pickle.dumps(Boom()))
-    assert_refused(base, path, "truncated or corrupt")
+    assert_refused(base, path, "is truncated or")
 
 
 def test_refuses_corrupt_config(saved):
@@ -236,13 +239,13 @@ def test_unknown_keys_from_newer_minor_warn_and_load(saved):
     config["format_version"] = "1.7"
     config["quantum_flux"] = True
     (path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match=r"ignoring unknown keys quantum_flux \(format 1.7 is newer than 1.0\)"):
+    with pytest.warns(UserWarning, match=r"ignoring unknown keys quantum_flux \(format 1.7 is newer than 1.1\)"):
         lorakit.load_adapter(base, path)
     assert any(isinstance(m, LoraLayer) for m in base.modules())
 
 
 def test_missing_directory(minilm, tmp_path):
-    with pytest.raises(AdapterFileError, match="adapter_config.json not found"):
+    with pytest.raises(AdapterFileError, match="adapter directory .*nope not found"):
         lorakit.load_adapter(minilm, tmp_path / "nope")
 
 
@@ -301,3 +304,130 @@ def test_trained_biases_round_trip(convnet, tmp_path, fmt):
     lorakit.load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh.eval()(x), expected, atol=1e-6, rtol=0)
     assert (expected - base(x)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- what a save refuses, keeps and checks
+
+@pytest.mark.parametrize("existing", ["adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"])
+def test_save_refuses_any_existing_adapter_file_without_overwrite(minilm, tmp_path, existing):
+    _, model = trained_minilm(minilm)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / existing).write_bytes(b"the user's")
+    with pytest.raises(FileExistsError, match=f"{existing} already exists; pass overwrite=True"):
+        lorakit.save_adapter(model, folder, print_fn=lambda s: None)
+    assert [p.name for p in folder.iterdir()] == [existing] and (folder / existing).read_bytes() == b"the user's"
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_overwrite_replaces_the_adapter_and_keeps_the_folders_other_files(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    folder = tmp_path / "a"
+    lorakit.save_adapter(model, folder, print_fn=lambda s: None)
+    (folder / "README.md").write_text("my notes")
+    (folder / "adapter_model.bin").write_bytes(b"an old PEFT pickle")
+    randomize(model, std=0.08)
+    lorakit.save_adapter(model, folder, overwrite=True, print_fn=lambda s: None)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (folder / "README.md").read_text() == "my notes"
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, folder)
+    assert torch.equal(fresh(TOKENS).logits, model(TOKENS).logits)
+
+
+def test_save_refuses_non_finite_adapter_weights(minilm, tmp_path):
+    _, model = trained_minilm(minilm)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.value.adapters["default"].lora_b[0, 0] = float("nan")
+    with pytest.raises(AdapterFileError, match=r"layer.1.attention.self.value.lora_b holds non-finite values"):
+        lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_tensors_that_share_memory_are_saved(tmp_path):
+    """A module trained in full whose parameters are tied (two names, one tensor) still saves and loads."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"body": torch.nn.Linear(8, 8), "head": torch.nn.Sequential(
+            torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))})
+        model["head"][1].weight = model["head"][0].weight
+        model.forward = lambda x: model["head"](model["body"](x))
+        return model
+
+    model, x = build(), torch.randn(3, 8)
+    lorakit.inject(model, ["body"], r=2, modules_to_save=["head"])
+    randomize(model)
+    with torch.no_grad():
+        model["head"].adapters["default"][0].weight.add_(1.0)
+    lorakit.save_adapter(model, tmp_path / "a", print_fn=lambda s: None)
+    fresh = build()
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(fresh(x), model(x)) and not torch.equal(fresh(x), build()(x))
+
+
+def test_hot_swap_with_another_rank_is_refused_and_changes_nothing(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "r8", print_fn=lambda s: None)
+    other = copy.deepcopy(base)
+    lorakit.inject(other, ["query", "value"], r=4, alpha=64)
+    randomize(other)
+    lorakit.save_adapter(other, tmp_path / "r4", print_fn=lambda s: None)
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path / "r8", name="live")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    scales = [m.scale for m in fresh.modules() if isinstance(m, lorakit.LoraAdapter)]
+    logits = fresh(TOKENS).logits
+    with pytest.raises(AdapterFileError, match=r"cannot hot-swap 'live' .* has r=4, slices=None in the file but r=8"):
+        lorakit.hot_swap(fresh, tmp_path / "r4", "live")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    assert [m.scale for m in fresh.modules() if isinstance(m, lorakit.LoraAdapter)] == scales
+    assert torch.equal(fresh(TOKENS).logits, logits)
+
+
+def test_lorakit_peft_export_carries_the_base_fingerprint(minilm, tmp_path):
+    """PEFT ignores the weights file's metadata; lorakit puts its fingerprint there and checks it."""
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "p", format="peft", print_fn=lambda s: None)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.bert.encoder.layer[0].attention.self.query.weight.add_(0.01)  # same shapes, other weights
+    assert_refused(other, tmp_path / "p", "was trained on a different base model")
+    with pytest.warns(BaseMismatch, match="loading anyway because force=True"):
+        lorakit.load_adapter(other, tmp_path / "p", force=True)
+    fresh = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own base: no warning at all
+        lorakit.load_adapter(fresh, tmp_path / "p")
+    assert torch.equal(fresh(TOKENS).logits, model(TOKENS).logits)
+
+
+@pytest.mark.parametrize("fmt, key", [("lorakit", "alpha"), ("peft", "lora_alpha")])
+def test_editing_alpha_after_saving_is_refused(minilm, tmp_path, fmt, key):
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "a", format=fmt, print_fn=lambda s: None)
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if fmt == "lorakit":
+        for layer in config["layers"].values():
+            layer[key] = 800
+    else:
+        config[key] = 800
+    path.write_text(json.dumps(config))
+    assert_refused(copy.deepcopy(base), tmp_path / "a", "does not match the settings adapter_model.safetensors was saved with")
+
+
+def test_a_file_whose_layers_overlap_its_modules_to_save_is_refused(minilm, tmp_path):
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, tmp_path / "a", format="peft", print_fn=lambda s: None)
+    path = tmp_path / "a"
+    from safetensors.torch import save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    inner = "bert.encoder.layer.0.attention.self"
+    tensors.update({f"base_model.model.{inner}.{k}": v.clone() for k, v in base.get_submodule(inner).state_dict().items()})
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["layer.0.attention.self"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UnverifiedBase):
+        assert_refused(copy.deepcopy(base), path, f"modules_to_save '{inner}' contains the LoRA target '{inner}.query'")

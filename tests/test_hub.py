@@ -58,10 +58,24 @@ def test_smollm2_dir_matches_gguf_logits():
 
 def _fake_convert(calls: list[Path]):
     def convert(gguf: Path, out: Path) -> None:
+        from safetensors.torch import save_file
+
         calls.append(out)
         for name in hub.MODEL_DIR_FILES:
             (out / name).write_text("{}")
+        save_file({"w": torch.zeros(2)}, out / "model.safetensors")
     return convert
+
+
+def test_a_cache_with_truncated_weights_is_not_a_model_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    calls: list[Path] = []
+    monkeypatch.setattr(hub, "_convert_gguf", _fake_convert(calls))
+    path = hub.smollm2_dir()
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])  # a copy cut short by a full disk
+    assert not hub.is_model_dir(path)
+    assert hub.smollm2_dir() == path and hub.is_model_dir(path) and len(calls) == 2
 
 
 def test_smollm2_dir_replaces_an_incomplete_cache(tmp_path, monkeypatch):

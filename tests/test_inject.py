@@ -1,5 +1,6 @@
 """Surgery: target matching, freezing, the report, strictness, summary."""
 
+import json
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraAdapter, LoraLayer
 
-from conftest import randomize
+from conftest import assert_untouched, plain_state, randomize
 
 
 def trainable_names(model):
@@ -157,6 +158,33 @@ def test_bad_slice_specs(tiny_gpt2, spec, message):
 def test_target_and_modules_to_save_conflict(convnet):
     with pytest.raises(ValueError, match="fc3 is both a LoRA target and in modules_to_save"):
         lorakit.inject(convnet, ["fc3"], r=2, modules_to_save=["fc3"])
+
+
+@pytest.mark.parametrize("targets, saved, message", [
+    (["query"], ["attention"], r"modules_to_save 'bert.encoder.layer.0.attention' contains the LoRA target "
+                               r"'bert.encoder.layer.0.attention.self.query'"),
+    (["query"], ["layer.0"], r"modules_to_save 'bert.encoder.layer.0' contains the LoRA target"),
+    (["value"], ["attention", "self"], r"modules_to_save 'bert.encoder.layer.0.attention' contains the "),
+])
+def test_overlapping_targets_and_modules_to_save_are_refused_naming_both(minilm, targets, saved, message):
+    """A module trained in full that holds (or sits in) a LoRA target would share tensors with it: such an
+    adapter could never be saved. Refused before anything changes."""
+    state = plain_state(minilm)
+    with pytest.raises((ValueError, TypeError), match=message):
+        lorakit.inject(minilm, targets, r=2, modules_to_save=saved)
+    assert_untouched(minilm, state)
+
+
+def test_all_linear_leaves_the_insides_of_modules_to_save_alone(minilm, tmp_path):
+    report = lorakit.inject(minilm, "all-linear", r=2, modules_to_save=["pooler"])
+    assert report.replaced and not any(r.name.startswith("bert.pooler.") for r in report.replaced)
+    lorakit.save_adapter(minilm, tmp_path / "a", print_fn=lambda s: None)  # saveable: no shared tensors
+    assert "bert.pooler" in json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"]
+
+
+def test_modules_to_save_as_a_string_is_refused(convnet):
+    with pytest.raises(TypeError, match="modules_to_save must be a list of module-name suffixes, got the string 'fc3'"):
+        lorakit.inject(convnet, ["fc1"], r=2, modules_to_save="fc3")
 
 
 def test_zero_init_model_equals_base_exactly(tiny_gpt2):

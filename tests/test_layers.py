@@ -166,7 +166,12 @@ def test_dropout_applies_in_training_only():
     ({"dropout": -0.1}, "dropout must be in [0, 1), got -0.1"),
     ({"bias": "some"}, "bias must be one of ('none', 'all', 'lora_only'), got 'some'"),
     ({"init": "xavier"}, "got 'xavier'"),
-    ({"alpha": -1}, "alpha must be a number > 0"),
+    ({"alpha": -1}, "alpha must be a finite number > 0"),
+    ({"alpha": float("inf")}, "alpha must be a finite number > 0 (or None for alpha = r), got inf"),
+    ({"alpha": float("nan")}, "alpha must be a finite number > 0 (or None for alpha = r), got nan"),
+    ({"alpha": True}, "alpha must be a finite number > 0"),
+    ({"dropout": float("nan")}, "dropout must be in [0, 1), got nan"),
+    ({"rslora": "yes"}, "rslora must be True or False"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError) as e:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorakit.train.config import ConfigError, RunConfig, build_config, load_recipe
+from lorakit.train.config import ConfigError, LoraSection, RunConfig, TrainSection, build_config, load_recipe
 
 
 def test_defaults_are_the_sentiment_job():
@@ -28,7 +28,7 @@ def test_overrides_are_typed_and_win():
 @pytest.mark.parametrize("overrides, message", [
     (["--lora.r", "-2"], "lora.r must be an integer >= 1, got -2"),
     (["--lora.r", "2.5"], "lora.r must be an integer, got '2.5'"),
-    (["--lora.dropout", "1.5"], "lora.dropout must be in [0, 1), got 1.5"),
+    (["--lora.dropout", "1.5"], "lora.dropout must be a finite number in [0, 1), got 1.5"),
     (["--lora.bias", "some"], "lora.bias must be one of none, all, lora_only; got 'some'"),
     (["--task", "translate"], "task must be one of classify, causal-lm, image; got 'translate'"),
     (["--train.bf16", "maybe"], "train.bf16 must be true or false, got 'maybe'"),
@@ -36,6 +36,22 @@ def test_overrides_are_typed_and_win():
     (["--trian.lr", "1"], "unknown key trian; the recipe has:"),
     (["--train.device", "tpu"], "train.device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     (["--train.lr"], "--train.lr needs a value"),
+    (["--train.max_grad_norm", "-1"], "train.max_grad_norm must be a finite number > 0, or none for no clipping, got -1.0"),
+    (["--train.max_grad_norm", "0"], "train.max_grad_norm must be a finite number > 0"),
+    (["--train.lr", "inf"], "train.lr must be a finite number > 0, got inf"),
+    (["--train.lr", "nan"], "train.lr must be a finite number > 0, got nan"),
+    (["--train.lr", "0"], "train.lr must be a finite number > 0, got 0.0"),
+    (["--train.weight_decay", "-5"], "train.weight_decay must be a finite number >= 0, got -5.0"),
+    (["--train.weight_decay", "inf"], "train.weight_decay must be a finite number >= 0, got inf"),
+    (["--train.warmup", "nan"], "train.warmup must be a finite number in [0, 1)"),
+    (["--train.warmup", "1"], "train.warmup must be a finite number in [0, 1)"),
+    (["--train.seed", "-1"], "train.seed must be an integer in [0, 2**63), got -1"),
+    (["--lora.alpha", "inf"], "lora.alpha must be a finite number > 0, got inf"),
+    (["--lora.alpha", "-8"], "lora.alpha must be a finite number > 0, got -8.0"),
+    (["--lora.dropout", "nan"], "lora.dropout must be a finite number in [0, 1), got nan"),
+    (["--lora.dropout", "-1e-9"], "lora.dropout must be a finite number in [0, 1)"),
+    (["--data.max_train", "0"], "data.max_train must be an integer >= 1, got 0"),
+    (["--data.text_column", ""], "data.text_column must be a non-empty string"),
     (["stray"], "unexpected argument 'stray'"),
 ])
 def test_bad_overrides_name_the_key_and_value(overrides, message):
@@ -55,3 +71,24 @@ def test_bad_recipe_files(tmp_path):
     txt.write_text("x")
     with pytest.raises(ConfigError, match="must end in .toml, .yaml or .yml"):
         load_recipe(txt)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: RunConfig(train=TrainSection(lr=float("inf"))), "train.lr must be a finite number > 0, got inf"),
+    (lambda: RunConfig(train=TrainSection(max_grad_norm=-1.0)), "train.max_grad_norm must be a finite number > 0"),
+    (lambda: RunConfig(train=TrainSection(bf16="yes")), "train.bf16 must be true or false, got 'yes'"),
+    (lambda: RunConfig(lora=LoraSection(alpha=float("nan"))), "lora.alpha must be a finite number > 0, got nan"),
+    (lambda: RunConfig(lora=LoraSection(targets="query")), "lora.targets must be a list of module-name suffixes"),
+])
+def test_typed_config_validates_when_built_directly(build, message):
+    """The dataclasses check their own values: code that builds a RunConfig gets the CLI's errors."""
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert message in str(e.value)
+
+
+def test_recipe_numbers_must_be_finite(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nweight_decay = -inf\n")
+    with pytest.raises(ConfigError, match=r"train.weight_decay must be a finite number >= 0, got -inf"):
+        build_config(load_recipe(recipe))

@@ -7,6 +7,7 @@ leaves the layer at its base.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -120,13 +121,15 @@ def combine_adapters(
     """
     if not weights:
         raise ValueError("weights is empty; give {adapter name: weight}")
-    for n in weights:
+    for n, w in weights.items():
         _require(model, n)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
     if name in list_adapters(model):
         raise ValueError(f"adapter {name!r} already exists; choose a new name")
     if method not in ("linear", "svd"):
         raise ValueError(f"method must be 'linear' or 'svd', got {method!r}")
-    if method == "svd" and (r is None or r < 1):
+    if method == "svd" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
         raise ValueError(f"method='svd' needs a rank r >= 1, got {r!r}")
     factors = {}
     for layer_name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)):

@@ -31,9 +31,12 @@ def _config(recipe: str | None, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .train.recipe import prepare_run_dir, train
+    from .train.config import load_recipe
+    from .train.recipe import prepare_run_dir, run_config, train
 
     cfg = _config(args.recipe, overrides)
+    if args.resume:  # the run's own settings, with only what this command names changed
+        cfg = run_config(Path(cfg.out), load_recipe(args.recipe) if args.recipe else {}, overrides)
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .train.distributed import launch
 
@@ -45,37 +48,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def load_run(run: str, with_adapter: bool = True, quantize: str | None = None):
-    """The run's config, task data and model, with the run's adapter (or weights) applied.
-
-    quantize: base precision to load instead of the run's own model.quantize ("none" or "nf4")."""
-    from .files import load_adapter
-    from .train.config import build_config
-    from .train.recipe import RunError
-    from .train.tasks import prepare
-
-    path = Path(run)
-    if not (path / "config.json").is_file():
-        raise RunError(f"{path} is not a run directory (no config.json); give the --out folder of `lorakit train`")
-    saved = json.loads((path / "config.json").read_text())
-    if quantize is not None:
-        saved.setdefault("model", {})["quantize"] = quantize
-    cfg = build_config(saved)
-    task = prepare(cfg)
-    if with_adapter:
-        if (path / "adapter").is_dir():
-            load_adapter(task.model, path / "adapter")
-        elif (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            task.model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-        else:
-            raise RunError(f"{path} has no adapter/ or model.safetensors; did the run finish?")
-    task.model.eval()
-    return cfg, task
-
-
 def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
+    from .train.recipe import load_run
     from .train.tasks import evaluate
 
     import warnings
@@ -95,6 +69,7 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
+    from .train.recipe import load_run
     import torch
 
     from .train import data as D
@@ -104,8 +79,11 @@ def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
     if args.file:
         p = Path(args.file)
         if not p.is_file():
-            raise D.DataError(f"file not found: {p}")
-        texts += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise D.DataError(f"{p} is a folder, not a file" if p.is_dir() else f"file not found: {p}")
+        try:
+            texts += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise D.DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not texts:
         raise D.DataError("no texts to label; give them as arguments or with --file")
     cfg, task = load_run(args.run)
@@ -125,6 +103,7 @@ def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
+    from .train.recipe import load_run
     import torch
 
     from .adapters import disable_adapters, enable_adapters
@@ -147,27 +126,39 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
+    from .train.recipe import load_run
     import torch
 
+    from . import atomic, tensorfile
     from .merge import merge_and_unload
     from .train.recipe import RunError
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise RunError(f"{out} is not empty; pass --overwrite to write into it")
+
+    def free(target: Path) -> None:
+        if target.exists() and not target.is_dir():
+            raise RunError(f"--out {target} is a file; give a folder for the merged model")
+        if target.is_dir() and any(target.iterdir()):
+            if not args.overwrite:
+                raise RunError(f"{target} is not empty; pass --overwrite to replace the model there")
+            if not any((target / f).is_file() for f in ("config.json", "model.safetensors")):
+                raise RunError(f"{target} holds files that are not a model; --overwrite replaces a model folder, "
+                               f"so give a new or empty folder")
+
+    free(out)
     cfg, task = load_run(args.run)
     quantized = cfg.model.quantize != "none"
     model = merge_and_unload(task.model, dtype=torch.float32 if quantized else None)
     if quantized:
         print(f"lorakit: the {cfg.model.quantize} base was dequantized to fp32 and the adapter added exactly")
-    if cfg.task == "image":
-        from safetensors.torch import save_file
+    def fill(tmp: Path) -> None:
+        if cfg.task == "image":
+            (tmp / "model.safetensors").write_bytes(tensorfile.dumps(model.state_dict()))
+        else:
+            model.save_pretrained(tmp)
+            task.tokenizer.save_pretrained(tmp)
 
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    else:
-        model.save_pretrained(out)
-        task.tokenizer.save_pretrained(out)
+    atomic.write_dir(out, fill, check=free)
     print(f"lorakit: wrote the merged model to {out}")
     return 0
 
@@ -216,8 +207,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line (exit code 2) like every other error of the command."""
+
+    def error(self, message: str) -> None:
+        print(f"lorakit: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for PyTorch models.",
+    parser = _Parser(prog="lorakit", description="LoRA fine-tuning for PyTorch models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -279,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .files import AdapterFileError
     from .hub import MissingResource
+    from .tensorfile import TensorFileError
+    from .train.checkpoint import CheckpointError
     from .train.config import ConfigError
     from .train.data import DataError
     from .train.recipe import Interrupted, RunError
@@ -295,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"lorakit: {e}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, RunError, AdapterFileError, MissingResource, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunError, AdapterFileError, CheckpointError, TensorFileError, MissingResource,
+            OSError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error; one says it
-            print(f"lorakit: error: {e}", file=sys.stderr)
+            print(f"lorakit: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)

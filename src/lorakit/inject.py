@@ -94,11 +94,10 @@ def inject(
     layer that already has this adapter or a bad setting — always before changing anything.
     """
     config = LoraConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, bias=bias)
-    saved = _match_modules_to_save(model, list(modules_to_save))
+    if isinstance(modules_to_save, str):
+        raise TypeError(f"modules_to_save must be a list of module-name suffixes, got the string {modules_to_save!r}")
+    saved = list(dict.fromkeys(_match_modules_to_save(model, list(modules_to_save))))
     chosen = resolve_targets(model, targets, exclude=saved)
-    both = sorted(set(saved) & set(chosen))
-    if both:
-        raise ValueError(f"{', '.join(both)} is both a LoRA target and in modules_to_save; choose one")
     plan = {name: (module, config, slices) for name, (module, slices) in chosen.items()}
     report = InjectReport(check_plan(plan, saved, model, adapter), config, adapter, saved, dry_run)
     if not dry_run:
@@ -116,7 +115,21 @@ Plan = dict[str, tuple[nn.Module, LoraConfig, Slices | None]]
 def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> list[Replacement]:
     """Validate a surgery plan without changing anything; return what it would replace.
 
-    Each adapter is built on the meta device, so a bad rank or shape raises here."""
+    Each adapter is built on the meta device, so a bad rank or shape raises here. A module that trains in
+    full (`saved`) may not hold or sit inside a LoRA target or another such module: its copy would share the
+    target's tensors, and the adapter could never be saved."""
+    for outer in saved:
+        for inner in [*plan, *saved]:
+            if inner == outer and inner in plan:
+                raise ValueError(f"{inner} is both a LoRA target and in modules_to_save; choose one")
+            if inner.startswith(outer + "."):
+                what = "LoRA target" if inner in plan else "module in modules_to_save"
+                raise ValueError(f"modules_to_save {outer!r} contains the {what} {inner!r}: the two would share "
+                                 f"tensors; train {outer!r} in full or adapt {inner!r}, not both")
+    for name in plan:
+        inside = [s for s in saved if s.startswith(name + ".")]
+        if inside:
+            raise ValueError(f"LoRA target {name!r} contains {inside[0]!r} from modules_to_save; choose one")
     replaced = []
     for name, (module, config, slices) in plan.items():
         if isinstance(module, LoraLayer) and adapter in module.adapters:
@@ -193,8 +206,8 @@ def resolve_targets(
             continue
         if isinstance(entry, str) and entry == "all-linear":
             head = output_head(model)
-            names = [n for n, m in modules.items()
-                     if kind_of(m) in ("linear", "conv1d") and m is not head and n not in excluded]
+            names = [n for n, m in modules.items() if kind_of(m) in ("linear", "conv1d") and m is not head
+                     and not any(n == e or n.startswith(e + ".") for e in excluded)]
         elif isinstance(entry, str):
             names = _suffix_matches(modules, entry)
         elif isinstance(entry, (re.Pattern, _BareRegex)):

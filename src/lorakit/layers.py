@@ -64,10 +64,12 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ValueError(f"alpha must be a number > 0 (or None for alpha = r), got {self.alpha!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if self.alpha is not None and not (_real(self.alpha) and 0 < self.alpha < math.inf):
+            raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = r), got {self.alpha!r}")
+        if not (_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.bias not in BIASES:
@@ -77,6 +79,10 @@ class LoraConfig:
     def scale(self) -> float:
         alpha = self.r if self.alpha is None else self.alpha
         return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -271,6 +277,12 @@ class LoraAdapter(nn.Module):
         super().__init__()
         if slices is not None and geometry.kind not in ("linear", "conv1d"):
             raise TypeError(f"output slices need a Linear or Conv1D base, got {geometry.kind}")
+        if slices is not None:
+            bounds = [0] + [v for s in slices for v in s] + [geometry.out_features]
+            if not slices or any(len(s) != 2 for s in slices) or bounds != sorted(bounds) \
+                    or any(start >= stop for start, stop in slices):
+                raise ValueError(f"output slices must be sorted, non-overlapping [start, stop) ranges within "
+                                 f"0..{geometry.out_features}, got {slices!r}")
         sizes = [geometry.out_features] if slices is None else [stop - start for start, stop in slices]
         limit = min(geometry.fan_in, min(sizes))
         if config.r > limit:

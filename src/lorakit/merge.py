@@ -121,6 +121,8 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.
     4-bit layer of the model is first replaced by an fp32 nn.Linear holding its dequantized weight,
     the adapter is added to it exactly, and those layers are then cast to `dtype`: no 4-bit layer
     is left. Without it, a 4-bit base is merged by re-quantizing (see `merge`)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
     dequantized = _dequantize_all(model) if dtype is not None else []
     merge(model, adapter)
     for linear in dequantized:

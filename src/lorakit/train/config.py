@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +49,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _positive(self, "max_length", "model")
         _choice(self, "quantize", QUANTIZE, "model")
+        _flag(self, "double_quant", "model")
+        _text(self, "path", "model", optional=True)
 
 
 @dataclass
@@ -67,6 +71,9 @@ class DataConfig:
         _choice(self, "dataset", ("fashion-mnist", "cifar10"), "data")
         if self.max_train is not None:
             _positive(self, "max_train", "data")
+        _text(self, "path", "data", optional=True)
+        _text(self, "text_column", "data")
+        _text(self, "label_column", "data")
 
 
 @dataclass
@@ -89,10 +96,14 @@ class LoraSection:
         _choice(self, "method", METHODS, "lora")
         _choice(self, "bias", BIASES, "lora")
         _positive(self, "r", "lora")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        _number(self, "dropout", "lora", "in [0, 1)", lambda v: 0 <= v < 1)
+        if self.alpha is not None:
+            _number(self, "alpha", "lora", "> 0", lambda v: v > 0)
+        _flag(self, "rslora", "lora")
+        for name in ("targets", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(f"lora.{name} must be a list of module-name suffixes, got {value!r}")
         if self.targets is not None and not self.targets:
             raise ConfigError("lora.targets is empty; give module-name suffixes such as query,value or all-linear")
 
@@ -132,10 +143,15 @@ class TrainSection:
             _positive(self, name, "train")
         if self.max_steps is not None:
             _positive(self, "max_steps", "train")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"train.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        _number(self, "lr", "train", "> 0", lambda v: v > 0)
+        _number(self, "weight_decay", "train", ">= 0", lambda v: v >= 0)
+        _number(self, "warmup", "train", "in [0, 1) (a fraction of the steps)", lambda v: 0 <= v < 1)
+        if self.max_grad_norm is not None:
+            _number(self, "max_grad_norm", "train", "> 0, or none for no clipping", lambda v: v > 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}")
+        _flag(self, "bf16", "train")
+        _flag(self, "group_by_length", "train")
         _choice(self, "schedule", ("linear", "cosine", "constant"), "train")
         _choice(self, "distributed", ("ddp", "fsdp"), "train")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -169,6 +185,26 @@ def _positive(obj: object, name: str, section: str) -> None:
         raise ConfigError(f"{_key(section, name)} must be an integer >= 1, got {value!r}")
 
 
+def _number(obj: object, name: str, section: str, allowed: str, ok: Callable[[float], bool]) -> None:
+    """A finite real number that `ok` accepts; `allowed` says which ones, for the message."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"{_key(section, name)} must be a finite number {allowed}, got {value!r}")
+
+
+def _flag(obj: object, name: str, section: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_key(section, name)} must be true or false, got {value!r}")
+
+
+def _text(obj: object, name: str, section: str, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if (value is None and optional) or (isinstance(value, str) and value and "\0" not in value):
+        return
+    raise ConfigError(f"{_key(section, name)} must be a non-empty string{' or none' if optional else ''}, got {value!r}")
+
+
 def _choice(obj: object, name: str, allowed: tuple[str, ...], section: str) -> None:
     value = getattr(obj, name)
     if value not in allowed:
@@ -186,8 +222,15 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) recipe into a nested dict."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"recipe not found: {p}")
-    text = p.read_text(encoding="utf-8")
+        raise ConfigError(f"recipe {p} is a folder, not a file" if p.is_dir() else f"recipe not found: {p}")
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"recipe {p} must end in .toml, .yaml or .yml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {p} ({e.strerror or e})") from None
     try:
         if p.suffix == ".toml":
             return tomllib.loads(text)
@@ -244,7 +287,7 @@ def _construct(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'recipe'} must be a section (a table of keys), got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(map(str, set(data) - fields))
     if unknown:
         raise ConfigError(f"unknown key {_key(prefix, unknown[0])}; {prefix or 'the recipe'} has: "
                           f"{', '.join(sorted(fields))}")

@@ -69,7 +69,7 @@ def load_text_classification(path: str | Path | None, text_column: str = "text",
         return hub.rotten_tomatoes(), list(hub.SENTIMENT_LABELS)
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file {path} is a folder" if path.is_dir() else f"data file not found: {path}")
     opener, kind = _text_format(path)
     columns, rows = _read_rows(path, opener, kind)
     if not rows:
@@ -228,11 +228,13 @@ def load_text_file(path: str | Path) -> str:
     """The whole of a UTF-8 text file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"text file not found: {path}")
+        raise DataError(f"text file {path} is a folder" if path.is_dir() else f"text file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
     if not text.strip():
         raise DataError(f"text file is empty: {path}")
     return text
@@ -370,8 +372,8 @@ def _unpickle(path: Path) -> object:
             return _ArrayUnpickler(f, path).load()
         except DataError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise DataError(f"{path}: not a readable CIFAR-10 pickle ({e})") from e
+        except Exception as e:  # a damaged pickle fails in many ways; the restricted unpickler runs no code
+            raise DataError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
 
 
 _reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]

@@ -10,6 +10,7 @@ model.safetensors (full / head), curves.png, and checkpoint/ for --resume.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import fast_dropout, inject, summary
+from .. import atomic, fast_dropout, inject, summary, tensorfile
 from ..inject import InjectReport
 from ..layers import LoraLayer
 from ..files import only_active, adapter_spec, write_adapter
@@ -32,6 +33,9 @@ from .tasks import Prepared, default_targets, evaluate, prepare, resolve_device,
 
 RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "model.safetensors", "best.safetensors", "curves.png",
              checkpoint.NAME, checkpoint.NAME + ".old")
+# Settings that `--resume` may change: they do not change what was already trained, only how training goes on.
+RESUMABLE = ("train.lr", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every",
+             "train.eval_batch_size")
 
 
 class RunError(RuntimeError):
@@ -42,25 +46,86 @@ class Interrupted(RunError):
     """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path]:
-    """Refuse to clobber an earlier run; on resume, continue with the run's own saved config.
-    Changes nothing on disk (`clear_run` removes an old run that --overwrite replaces)."""
+def run_config_data(run: Path) -> dict[str, Any]:
+    """The JSON object of a run folder's config.json, or RunError saying what is wrong with it."""
+    path = run / "config.json"
+    if not run.is_dir():
+        raise RunError(f"{run} is not a run directory ({'a file' if run.exists() else 'no such folder'}); "
+                       f"give the --out folder of `lorakit train`")
+    if not path.is_file():
+        raise RunError(f"{run} is not a run directory (no config.json); give the --out folder of `lorakit train`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path} is not valid JSON ({e}); the run's config is damaged") from None
+    except OSError as e:
+        raise RunError(f"cannot read {path} ({e.strerror or e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k in ("model", "data", "lora", "train")):
+        raise RunError(f"{path} must hold a JSON object of sections (model, data, lora, train); it is damaged")
+    return data
+
+
+def run_config(run: Path, recipe: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A run's own config, with the keys of `recipe` and `overrides` on top (what `--resume` was asked to change)."""
+    data = run_config_data(run)
+    for section, values in (recipe or {}).items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    try:
+        return build_config(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{run / 'config.json'} with the given settings: {e}") from None
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in cfg.to_dict().items() if isinstance(values, dict)
+            for k, v in values.items()} | {k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)}
+
+
+def resume_changes(run: Path, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings in which `cfg` differs from the run's own config, as key → (run's value, new value); a
+    RunError if one of them cannot change on resume."""
+    saved = _flat(build_config(run_config_data(run)))
+    asked = _flat(cfg)
+    changes = {k: (saved.get(k), v) for k, v in asked.items() if k != "out" and saved.get(k) != v}
+    fixed = [k for k in changes if k not in RESUMABLE]
+    if fixed:
+        listed = ", ".join(f"{k} ({changes[k][0]!r} → {changes[k][1]!r})" for k in fixed[:4])
+        raise RunError(f"--resume cannot change {listed}: the run in {run} was trained with the first; only "
+                       f"{', '.join(RESUMABLE)} can change on resume (or start a new run)")
+    return changes
+
+
+def finished(run: Path) -> bool:
+    """Whether a run completed: its last record is the final test and its adapter (or weights) is there."""
+    records = _Metrics(run / "metrics.jsonl", write=False).read()
+    done = any(r.get("event") == "test_after" for r in records)
+    return done and ((run / "adapter").is_dir() or (run / "model.safetensors").is_file())
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, dict]:
+    """Check the output folder for this run without changing anything: refuse to clobber an earlier run
+    (unless `overwrite`, and then only once the new run has started), and on resume check that there is
+    an unfinished run with a checkpoint and which of its settings `cfg` changes (see `resume_changes`).
+    Returns (config, run folder, changes)."""
     run = Path(cfg.out)
-    existing = run.is_dir() and any((run / f).exists() for f in RUN_FILES)
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out {run} is a file; give a folder for the run")
     if resume:
+        if not run.is_dir():
+            raise RunError(f"nothing to resume in {run}: no such folder")
+        changes = resume_changes(run, cfg)
         if checkpoint.find(run) is None:
             raise RunError(f"nothing to resume in {run}: no checkpoint there")
-        saved = json.loads((run / "config.json").read_text())
-        return build_config(saved), run
+        if finished(run):
+            raise RunError(f"the run in {run} already finished; nothing to resume")
+        return cfg, run, changes
+    existing = run.is_dir() and any((run / f).exists() for f in RUN_FILES)
     if existing and not overwrite:
         raise RunError(f"{run} already holds a run; pass --overwrite to replace it or --resume to continue it")
-    return cfg, run
-
-
-def clear_run(run: Path) -> None:
-    for f in RUN_FILES:
-        p = run / f
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return cfg, run, {}
 
 
 def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) -> InjectReport:
@@ -134,8 +199,8 @@ def schedule(cfg: RunConfig, total: int):
 
 
 class _Metrics:
-    """metrics.jsonl: one JSON record a line; `count` is how many the file holds. write False: a
-    rank other than 0, which reads but never writes."""
+    """metrics.jsonl: one JSON record a line, strict JSON (a non-finite number is written as null); `count` is
+    how many records the file holds. write False: a rank other than 0, which reads but never writes."""
 
     def __init__(self, path: Path, write: bool = True) -> None:
         self.path, self.writes = path, write
@@ -144,22 +209,40 @@ class _Metrics:
     def write(self, **record: Any) -> None:
         if not self.writes:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        atomic.append_line(self.path, json.dumps(checkpoint.strict(record), allow_nan=False))
         self.count += 1
 
     def read(self) -> list[dict]:
+        """The records; a last line that a kill cut short is not one. RunError if the file is damaged."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except (UnicodeDecodeError, OSError) as e:
+            raise RunError(f"cannot read {self.path} ({e}); the run's metrics are damaged") from None
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 and not line.endswith("\n"):
+                    break  # torn by a kill while it was written
+                raise RunError(f"{self.path}: line {i + 1} is not JSON; the run's metrics are damaged") from None
+            if not isinstance(record, dict):
+                raise RunError(f"{self.path}: line {i + 1} is not a JSON object; the run's metrics are damaged")
+            records.append(record)
+        return records
 
     def truncate(self, n: int) -> None:
         """Keep the first n records: what was logged after the checkpoint is logged again on resume."""
-        lines = self.path.read_text().splitlines(keepends=True)[:n] if self.path.exists() else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(lines))
-        tmp.replace(self.path)
-        self.count = len(lines)
+        records = self.read()
+        if n > len(records):
+            raise RunError(f"{self.path} holds {len(records)} records but the checkpoint counts {n}; the run's "
+                           f"metrics are damaged")
+        atomic.write_file(self.path, "".join(json.dumps(checkpoint.strict(r), allow_nan=False) + "\n" for r in records[:n]))
+        self.count = n
 
 
 def _show_examples(task: Prepared, model: nn.Module, when: str, print_fn, n: int = 5) -> None:
@@ -182,23 +265,26 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
           progress_bar: bool | None = None) -> dict[str, Any]:
     """Run one training job; return the final metrics. Ctrl-C or SIGTERM saves a checkpoint first.
 
+    A new run is built in a temporary folder beside `cfg.out` and put in place (replacing an earlier run
+    when `overwrite`) only once it has started for real: the data and model loaded, the surgery done, the
+    test set scored and a first checkpoint written. Until then nothing at `cfg.out` changes. On `resume`
+    the settings of `cfg` must equal the run's own, except those in RESUMABLE, which are applied and
+    recorded in the run (config.json and a "resume" record in metrics.jsonl).
+
     Under torchrun (WORLD_SIZE > 1) this is one rank of a distributed run (see `distributed`): every
     rank trains its slice of each batch, rank 0 alone prints and writes, and all return the same metrics."""
-    cfg, run = prepare_run_dir(cfg, resume, overwrite)
+    cfg, run, changes = prepare_run_dir(cfg, resume, overwrite)
     dist = distributed.setup(resolve_device(cfg.train.device), cfg.train.distributed)
     try:
         if not dist.main:
             print_fn, progress_bar = (lambda *args, **kwargs: None), False
-        if overwrite and not resume:
-            dist.barrier()  # every rank has checked the folder before rank 0 empties it
-            if dist.main:
-                clear_run(run)
-        return _train(cfg, run, resume, dist, print_fn, progress_bar)
+        return _train(cfg, run, resume, overwrite, changes, dist, print_fn, progress_bar)
     finally:
         dist.close()
 
 
-def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, print_fn, progress_bar) -> dict[str, Any]:
+def _train(cfg: RunConfig, run: Path, resume: bool, overwrite: bool, changes: dict, dist: distributed.Dist,
+           print_fn, progress_bar) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     task = prepare(cfg)
     model = task.model
@@ -218,35 +304,38 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
     n_batches = len(train_split.batches(cfg.train.batch_size * dist.world, 0, True))
     steps_per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg, total))
-    if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(run / "metrics.jsonl", write=dist.main)
+    factor = schedule(cfg, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     key = task.metric
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size, dist)  # noqa: E731
 
     if resume:
-        if any(r.get("event") == "test_after" for r in metrics.read()):
-            raise RunError(f"the run in {run} already finished; nothing to resume")
+        metrics = _Metrics(run / "metrics.jsonl", write=dist.main)
         progress, rngs = checkpoint.load(run, model, optimizer, scheduler)
         if len(rngs) != dist.world:
             how = f"with --nproc {len(rngs)}" if len(rngs) > 1 else "in one process (no --nproc, no torchrun)"
             raise RunError(f"the run in {run} was trained on {len(rngs)} process{'es' if len(rngs) > 1 else ''}, "
                            f"this is {dist.world}; resume it {how}, as the data of each step depends on it")
-        torch.set_rng_state(rngs[dist.rank])
+        try:
+            torch.set_rng_state(rngs[dist.rank])
+        except RuntimeError:
+            raise checkpoint.CheckpointError(f"checkpoint in {run / checkpoint.NAME} holds a damaged RNG state") from None
         dist.barrier()  # every rank has read metrics.jsonl before rank 0 cuts it
         if dist.main:
+            atomic.tidy(run)  # what killed writes left beside the run folder and in it
+            atomic.clean_folder(run)
             metrics.truncate(progress["metrics_lines"])
+        if changes:
+            _apply_resume_changes(cfg, changes, optimizer, scheduler, factor)
+            if dist.main:
+                atomic.write_file(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+                metrics.write(event="resume", step=progress["step"],
+                              changed={k: {"from": old, "to": new} for k, (old, new) in changes.items()})
+            print_fn("resuming with " + ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items()))
         print_fn(f"resuming {run} at epoch {progress['epoch'] + 1}, step {progress['step']}")
     else:
-        if dist.main:
-            (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        before = evaluate_split("test")
-        metrics.write(event="test_before", **before)
-        print_fn(f"test {key} before training: {before[key]:.4f}")
-        _show_examples(task, model, "before training", print_fn)
-        progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "test_before": before}
+        metrics, progress = _start(cfg, run, overwrite, task, model, optimizer, scheduler, evaluate_split, dist, print_fn)
 
     stop = {"signal": None}
 
@@ -262,29 +351,72 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
         _loop(cfg, task, trained, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
               better, key, evaluate_split, dist)
     except KeyboardInterrupt:
-        if checkpoint.find(run) is None:
-            raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in {run}") from None
         nproc = f" --nproc {dist.world}" if dist.world > 1 else ""
         raise Interrupted(f"interrupted at step {progress['step']}; checkpoint saved — continue with "
                           f"`lorakit train --resume --out {run}{nproc}`") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return _finish(cfg, run, task, model, metrics, progress, evaluate_split, dist, print_fn)
 
+
+def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn.Module, optimizer, scheduler,
+           evaluate_split, dist: distributed.Dist, print_fn) -> tuple[_Metrics, dict[str, Any]]:
+    """Begin a new run in a temporary folder beside `run` (rank 0 writes): the config, the test score
+    before training and a first checkpoint; then put it at `run`, replacing an earlier run there (its other
+    files are kept). A failure or a kill before that leaves `run` as it was."""
+    home = atomic.stage(run) if dist.main else run
+    try:
+        if dist.main:
+            (home / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        metrics = _Metrics(home / "metrics.jsonl", write=dist.main)
+        before = evaluate_split("test")
+        metrics.write(event="test_before", **before)
+        print_fn(f"test {task.metric} before training: {before[task.metric]:.4f}")
+        _show_examples(task, model, "before training", print_fn)
+        progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "test_before": before,
+                    "metrics_lines": metrics.count}
+        checkpoint.save(home, model, optimizer, scheduler, progress, dist.gather(torch.get_rng_state()),
+                        write=dist.main)
+
+        def free(target: Path) -> None:
+            if not overwrite and any((target / f).exists() for f in RUN_FILES):
+                raise RunError(f"{target} already holds a run; pass --overwrite to replace it or --resume to continue it")
+
+        if dist.main:
+            atomic.publish(home, run, check=free, replaced=lambda entry: entry in RUN_FILES)
+    except BaseException:
+        if dist.main:
+            shutil.rmtree(home, ignore_errors=True)
+        raise
+    dist.barrier()
+    metrics.path = run / "metrics.jsonl"
+    return metrics, progress
+
+
+def _apply_resume_changes(cfg: RunConfig, changes: dict, optimizer, scheduler, factor) -> None:
+    """Give the restored optimizer and schedule the new learning rate and step budget: the rate at the
+    current step is the new base rate times the (new) schedule's factor there."""
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.train.lr
+        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics: _Metrics, progress: dict,
+            evaluate_split, dist: distributed.Dist, print_fn) -> dict[str, Any]:
+    """The best weights, the test score after training, the adapter (or weights) and the plot; the run is
+    complete once its last record, the test score, is written — a kill before that leaves it resumable."""
+    key = task.metric
     best_path = run / "best.safetensors"
     seen_by = dist.sum([float(best_path.exists())])[0]
     if 0 < seen_by < dist.world:
         raise RunError(f"{run} is not on storage every rank sees ({seen_by:.0f} of {dist.world} find "
                        f"{best_path.name}); give --out a folder on a shared filesystem")
     if best_path.exists():
-        from safetensors.torch import load_file
-
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in load_file(best_path).items():
-                named[n].copy_(distributed.shard_like(t, named[n]))
+        _load_weights(model, best_path, trainable_only=True)
     after = evaluate_split("test")
-    metrics.write(event="test_after", **after)
     _show_examples(task, model, "after training", print_fn)
     if cfg.lora.method == "lora":
         name = only_active(model)
@@ -292,19 +424,39 @@ def _train(cfg: RunConfig, run: Path, resume: bool, dist: distributed.Dist, prin
         if dist.main:
             write_adapter(model, spec, run / "adapter", name, overwrite=True, print_fn=print_fn)
     else:
-        from safetensors.torch import save_file
-
         weights = checkpoint.trainable_state(model)
         if dist.main:
-            save_file({n: t.contiguous().cpu() for n, t in weights.items()}, run / "model.safetensors")
+            atomic.write_file(run / "model.safetensors", tensorfile.dumps(weights))
     if dist.main:
-        plot(metrics.read(), run / "curves.png", key)
+        plot(metrics.read() + [{"event": "test_after", **after}], run / "curves.png", key)
+    metrics.write(event="test_after", **after)
     dist.barrier()
     before = progress["test_before"]
     print_fn(f"test {key}: {before[key]:.4f} before → {after[key]:.4f} after")
     print_fn(f"run directory: {run} (config.json, metrics.jsonl, "
              f"{'adapter/' if cfg.lora.method == 'lora' else 'model.safetensors'}, curves.png)")
     return {"before": before, "after": after, "best_val": progress["best"], "steps": progress["step"], "run": str(run)}
+
+
+def _load_weights(model: nn.Module, path: Path, trainable_only: bool) -> None:
+    """Copy the tensors of a weights file lorakit wrote into the model's parameters of those names, after
+    checking the file (its checksum, when it has one) and that every tensor fits; RunError otherwise."""
+    try:
+        tensors = tensorfile.read(path)[0]
+    except tensorfile.TensorFileError as e:
+        raise RunError(str(e)) from None
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    for n, t in tensors.items():
+        if n not in named:
+            raise RunError(f"{path} holds {n!r}, which is not a {'trainable ' if trainable_only else ''}parameter "
+                           f"of the run's model; the file is from another run")
+        if tuple(t.shape) != tuple(named[n].shape):
+            raise RunError(f"{path}: {n} has shape {tuple(t.shape)}, the model's is {tuple(named[n].shape)}")
+    if not tensors:
+        raise RunError(f"{path} holds no tensors")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            named[n].copy_(distributed.shard_like(t, named[n]))
 
 
 def _main_thread() -> bool:
@@ -324,14 +476,29 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     raw = model.module if ddp else model
 
+    saved_step = progress["step"]  # of the checkpoint on disk, whose weights are finite
+
     def save(rng: torch.Tensor) -> None:
+        nonlocal saved_step
         progress["metrics_lines"] = metrics.count
-        checkpoint.save(run, raw, optimizer, scheduler, progress, dist.gather(rng), write=dist.main)
+        try:
+            checkpoint.save(run, raw, optimizer, scheduler, progress, dist.gather(rng), write=dist.main)
+        except checkpoint.NonFiniteWeights as e:
+            raise diverged(f"weight {e} became non-finite by step {progress['step']}") from None
+        saved_step = progress["step"]
         dist.barrier()
+
+    def diverged(what: str) -> RunError:
+        lower = f"{cfg.train.lr / 10:g}"
+        return RunError(f"{what} (epoch {progress['epoch'] + 1}); stopped — the last checkpoint, all of whose weights "
+                        f"are finite, is from step {saved_step} in {run / checkpoint.NAME}; resume it with a lower "
+                        f"learning rate: lorakit train --resume --out {run} --train.lr {lower}")
 
     show = sys.stderr.isatty() if progress_bar is None else progress_bar
     rng_at_boundary = torch.get_rng_state()
     for epoch in range(progress["epoch"], cfg.train.epochs):
+        if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
+            break
         batches = split.batches(cfg.train.batch_size * dist.world, epoch, True)
         bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not show, unit="batch", dynamic_ncols=True)
@@ -353,9 +520,7 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
                     seen += len(index)
                 loss_sum, stopping = dist.sum([loss_sum / dist.world, float(stop["signal"] is not None)])
                 if not math.isfinite(loss_sum):
-                    raise RunError(f"loss became {loss_sum} at step {progress['step'] + 1} (epoch {epoch + 1}); "
-                                   f"stopped — the last good checkpoint is in {run / checkpoint.NAME}; "
-                                   f"try a lower train.lr")
+                    raise diverged(f"loss became {loss_sum} at step {progress['step'] + 1}")
                 if cfg.train.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 optimizer.step()
@@ -392,28 +557,23 @@ def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run
         took = time.perf_counter() - start
         val = evaluate_split("val")
         metrics.write(event="val", epoch=epoch + 1, step=progress["step"], **val)
-        improved = progress["best"] is None or better(val[key], progress["best"])
+        improved = math.isfinite(val[key]) and (progress["best"] is None or better(val[key], progress["best"]))
         print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else "")
                  + f"  [{took // 60:.0f}m{took % 60:04.1f}s training on {dist.world} process"
                  + ("es]" if dist.world > 1 else "]"))
         if improved:
             progress["best"] = val[key]
-            _save_best(run, raw, dist)
+            weights = checkpoint.trainable_state(raw)  # on every rank: under FSDP this gathers the shards
+            bad = checkpoint.first_non_finite(weights)
+            if bad is not None:
+                raise diverged(f"weight {bad} became non-finite by step {progress['step']}")
+            if dist.main:
+                atomic.write_file(run / "best.safetensors", tensorfile.dumps(weights))
+            dist.barrier()
         progress.update(epoch=epoch + 1, batch=0)
         save(torch.get_rng_state())
         if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
             break
-
-
-def _save_best(run: Path, model: nn.Module, dist: distributed.Dist) -> None:
-    from safetensors.torch import save_file
-
-    weights = checkpoint.trainable_state(model)  # on every rank: under FSDP this gathers the shards
-    if dist.main:
-        tmp = run / ".best.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp)
-        tmp.replace(run / "best.safetensors")
-    dist.barrier()
 
 
 def plot(records: list[dict], path: Path, key: str) -> None:
@@ -436,7 +596,34 @@ def plot(records: list[dict], path: Path, key: str) -> None:
     ax2.set(xlabel="step", ylabel=key, title=f"{key} (★ test before / after)")
     ax2.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    atomic.write_file(path, png.getvalue())
+
+
+def load_run(run: str | Path, with_adapter: bool = True, quantize: str | None = None) -> tuple[RunConfig, Prepared]:
+    """A finished run's config, task data and model, with the run's adapter (or weights) applied.
+
+    quantize: base precision to load instead of the run's own model.quantize ("none" or "nf4")."""
+    from ..files import load_adapter
+
+    path = Path(run)
+    data = run_config_data(path)
+    if quantize is not None:
+        data.setdefault("model", {})["quantize"] = quantize
+    try:
+        cfg = build_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}") from None
+    task = prepare(cfg)
+    if with_adapter:
+        if (path / "adapter").is_dir():
+            load_adapter(task.model, path / "adapter")
+        elif (path / "model.safetensors").is_file():
+            _load_weights(task.model, path / "model.safetensors", trainable_only=False)
+        else:
+            raise RunError(f"{path} has no adapter/ or model.safetensors: the run has not finished; "
+                           f"`lorakit train --resume --out {path}` completes it")
+    task.model.eval()
+    return cfg, task

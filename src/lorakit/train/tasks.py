@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import hub
+from .. import hub, tensorfile
 from ..models import ConvNet
 from ..quant import QuantReport, quantize_base
 from . import data as D
@@ -93,14 +94,72 @@ def default_targets(arch: str) -> list:
 
 
 def _hf_dir(path: str | None, packaged: Callable[[], Path]) -> Path:
+    """A Hugging Face model directory that can be loaded without unpickling: config.json a JSON object,
+    weights in complete safetensors files. ConfigError naming what is wrong."""
     if path is None:
         return packaged()
     p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"model.path {p} is a file, not a model directory" if p.exists()
+                          else f"model.path {p} not found")
     if not (p / "config.json").is_file():
         raise ConfigError(f"model.path {p} is not a Hugging Face model directory (no config.json)")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.path {p}: config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(f"model.path {p}: config.json is not a model config (no model_type)")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(f.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in p.glob(ext))
+        if pickles:
+            raise ConfigError(f"model directory {p} holds only pickled weights ({', '.join(pickles[:3])}), which "
+                              f"lorakit never loads (unpickling can run code); convert them to safetensors")
         raise ConfigError(f"model directory {p} holds no weights (*.safetensors)")
+    for f in weights:
+        try:
+            tensorfile.check_file(f)
+        except tensorfile.TensorFileError as e:
+            raise ConfigError(f"model.path: {e}") from None
     return p
+
+
+def _load(what: str, path: Path, load: Callable[[], Any]) -> Any:
+    """`load()` of a model directory's part, any failure of the loader a one-line ConfigError."""
+    try:
+        return load()
+    except ConfigError:
+        raise
+    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError, ...) for a bad directory
+        text = " ".join(str(e).split())
+        raise ConfigError(f"model.path {path}: cannot load its {what} ({text[:300] or type(e).__name__})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def _tokenizer(path: Path) -> Any:
+    """The model directory's own tokenizer. Refused when the directory has none: transformers would build an
+    empty one that reads every word as unknown, and training would run on nothing."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model.path {path}: cannot load its tokenizer (no tokenizer file; expected one of "
+                          f"{', '.join(TOKENIZER_FILES)})")
+    tokenizer = _load("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path))
+    if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:
+        raise ConfigError(f"model.path {path}: cannot load its tokenizer (its vocabulary is empty)")
+    return tokenizer
+
+
+def _check_positions(config: Any, length: int, key: str, path: Path) -> None:
+    """Refuse sequences longer than the model's position table, which would fail (or read garbage) mid-run."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        raise ConfigError(f"{key} = {length} exceeds the {limit} positions of the model in {path}; "
+                          f"use at most {limit}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +214,7 @@ def quantize_frozen(cfg: RunConfig, task: Prepared) -> QuantReport:
 
 
 def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -169,12 +228,20 @@ def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
             raise D.DataError(f"the {split_name} split is empty ({len(examples)} examples in all); "
                               f"give more data")
     path = _hf_dir(cfg.model.path, hub.minilm_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = _load("config", path, lambda: AutoConfig.from_pretrained(path))
+    _check_positions(config, cfg.model.max_length, "model.max_length", path)
+    heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
+    if heads and config.num_labels != len(names):
+        raise ConfigError(f"model.path {path} already has a {config.num_labels}-label classification head but the "
+                          f"data has {len(names)} labels ({', '.join(names[:5])}); give a model directory without a "
+                          f"head, or data with its labels")
+    tokenizer = _tokenizer(path)
     model = None
-    arch = AutoConfig.from_pretrained(path).model_type
+    arch = config.model_type
     if with_model:
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
+        model = _load("weights", path, lambda: AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(names), use_safetensors=True))
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -201,22 +268,27 @@ def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
 
 
 def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = _hf_dir(cfg.model.path, hub.smollm2_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    text = D.load_text_file(cfg.data.path or hub.hamlet_path())
-    blocks = D.causal_blocks(tokenizer(text)["input_ids"], cfg.data.block_size)
-    train, val, test = D.split_blocks(blocks)
+    config = _load("config", path, lambda: AutoConfig.from_pretrained(path))
+    _check_positions(config, cfg.data.block_size, "data.block_size", path)
+    tokenizer = _tokenizer(path)
+    text_path = cfg.data.path or hub.hamlet_path()
+    text = D.load_text_file(text_path)
+    try:
+        train, val, test = D.split_blocks(D.causal_blocks(tokenizer(text)["input_ids"], cfg.data.block_size))
+    except D.DataError as e:
+        raise D.DataError(f"{text_path}: {e}") from None
     if cfg.data.max_train:
         train = train[:cfg.data.max_train]
     model = None
     if with_model:
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = _load("weights", path, lambda: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
 
     def split(x: Tensor) -> Split:
         def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
@@ -228,7 +300,7 @@ def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
 
         return Split(len(x), batches, collate)
 
-    arch = AutoConfig.from_pretrained(path).model_type
+    arch = config.model_type
     return Prepared(model, {"train": split(train), "val": split(val), "test": split(test)}, arch, "perplexity",
                     tokenizer)
 
@@ -248,12 +320,14 @@ def _image(cfg: RunConfig) -> Prepared:
     torch.manual_seed(cfg.train.seed)
     model = ConvNet(in_channels=images.train_x.shape[1], classes=len(images.classes))
     if cfg.model.path:
-        from safetensors.torch import load_file
-
         state_path = Path(cfg.model.path)
         if not state_path.is_file():
             raise ConfigError(f"model.path {state_path} not found (for the image task: a ConvNet .safetensors)")
-        model.load_state_dict(load_file(state_path))
+        try:
+            state = tensorfile.read(state_path)[0]
+        except tensorfile.TensorFileError as e:
+            raise ConfigError(f"model.path: {e}") from None
+        _load("weights", state_path, lambda: model.load_state_dict(state))
 
     def split(x: Tensor, y: Tensor) -> Split:
         def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
