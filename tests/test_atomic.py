@@ -35,20 +35,30 @@ def test_write_file_replaces_whole_and_exclusive_refuses(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
-def test_write_dir_swaps_whole_folder_and_carries_other_entries(tmp_path):
+def test_write_dir_swaps_whole_folder_and_keeps_the_other_files(tmp_path):
     target = tmp_path / "adapter"
     target.mkdir()
     (target / "weights").write_text("old")
     (target / "README.md").write_text("notes")
-    (target / "sub").mkdir()
-    (target / "sub" / "x").write_text("kept")
     inode = (target / "README.md").stat().st_ino
 
     atomic.write_dir(target, lambda tmp: (tmp / "weights").write_text("new"), replaced=lambda name: name == "weights")
     assert (target / "weights").read_text() == "new"
     assert (target / "README.md").read_text() == "notes" and (target / "README.md").stat().st_ino == inode
-    assert (target / "sub" / "x").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_folder_holding_other_folders_or_the_current_one_is_not_replaced(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "x").write_text("kept")
+    with pytest.raises(FileExistsError, match="holds sub, which is not part of what is written there"):
+        atomic.write_dir(target, lambda tmp: (tmp / "w").write_text("new"), replaced=lambda name: name == "w")
+    monkeypatch.chdir(target / "sub")
+    with pytest.raises(FileExistsError, match="holds the current folder"):
+        atomic.write_dir(target, lambda tmp: (tmp / "w").write_text("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (target / "sub" / "x").read_text() == "kept"
+    assert os.listdir(target) == ["sub"]
 
 
 def test_a_failing_fill_or_check_leaves_the_target_as_it_was(tmp_path):
@@ -153,3 +163,14 @@ def test_two_writers_of_one_new_folder_take_turns(tmp_path):
     assert (tmp_path / "out" / "who").read_text() in ("first", "second")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert os.listdir(tmp_path / "out") == ["who"]
+
+
+def test_a_folder_reached_through_a_link_is_written_where_the_link_points(tmp_path):
+    real = tmp_path / "disk" / "adapter"
+    real.mkdir(parents=True)
+    (real / "w").write_text("old")
+    link = tmp_path / "adapter"
+    link.symlink_to(real)
+    atomic.write_dir(link, lambda tmp: (tmp / "w").write_text("new"))
+    assert link.is_symlink() and (real / "w").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "disk"]

@@ -223,3 +223,13 @@ def test_real_minilm_misspelled_target_names_query(minilm):
                                          r"closest module names: query"):
         lorakit.inject(minilm, ["qeury", "value"], r=8)
     assert not any(isinstance(m, LoraLayer) for m in minilm.modules())
+
+
+@pytest.mark.parametrize("name", ["", "a.b", 3])
+def test_adapter_names_that_cannot_key_a_module_are_refused(convnet, tmp_path, name):
+    state = plain_state(convnet)
+    with pytest.raises(ValueError, match="adapter name must be a non-empty string without dots"):
+        lorakit.inject(convnet, ["fc1"], r=2, adapter=name)
+    assert_untouched(convnet, state)
+    with pytest.raises(ValueError, match="adapter name must be a non-empty string without dots"):
+        lorakit.load_adapter(convnet, tmp_path, name=name)

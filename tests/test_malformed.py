@@ -210,6 +210,8 @@ CLI_CASES = {
     "out is a file": (lambda ws, i: train_args(ws, i) and ["train", "--data.path", str(i.reviews), "--model.path",
                                                            str(i.model), "--out", str(write(ws / "out", "x"))],
                       "is a file; give a folder"),
+    "out holds other folders": (lambda ws, i: (ws / "out" / "photos").mkdir(parents=True) or train_args(ws, i),
+                                "ws/out holds photos, which is not part of what is written there"),
     # run folders
     "run config not JSON": (lambda ws, i: ["eval", str(run_copy(ws, i.finished, lambda r: write(r / "config.json", "{")))],
                             "is not valid JSON"),
@@ -260,7 +262,11 @@ CLI_CASES = {
     "merge out holds other files": (lambda ws, i: ["merge", str(run_copy(ws, i.finished)), "--out",
                                                    str(write(ws / "merged" / "notes.txt", "x").parent), "--overwrite"],
                                     "holds files that are not a model"),
+    "generate empty prompt": (lambda ws, i: ["generate", str(run_copy(ws, i.finished)), "--prompt", "  "],
+                              "--prompt is empty"),
     # arguments
+    "generate zero tokens": (lambda ws, i: ["generate", str(run_copy(ws, i.finished)), "--prompt", "Hi",
+                                            "--max-new-tokens", "0"], "must be an integer >= 1, got '0'"),
     "unknown option": (lambda ws, i: ["eval", str(run_copy(ws, i.finished)), "--bogus"], "unrecognized arguments"),
     "bad choice": (lambda ws, i: ["eval", str(run_copy(ws, i.finished)), "--split", "dev"], "invalid choice"),
     "nproc zero": (lambda ws, i: ["train", "--nproc", "0"], "must be an integer >= 1"),

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule
+from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule, check_name
 
 
 def holders(model: nn.Module) -> list[LoraLayer | SavedModule]:
@@ -125,6 +125,7 @@ def combine_adapters(
         _require(model, n)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
+    check_name(name)
     if name in list_adapters(model):
         raise ValueError(f"adapter {name!r} already exists; choose a new name")
     if method not in ("linear", "svd"):

@@ -80,6 +80,7 @@ def _clean_stale(target: Path) -> list[Path]:
 
 def tidy(target: Path) -> list[Path]:
     """Remove what killed writers of `target` left beside it (see `_clean_stale`); returns what was removed."""
+    target = _real(target)
     with locked(target.parent):
         return _clean_stale(target)
 
@@ -104,7 +105,11 @@ def locked(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks: the renames stay atomic, writers no longer take turns
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -139,7 +144,7 @@ def write_file(path: str | os.PathLike, data: bytes | str, overwrite: bool = Tru
     """Write `data` to `path` whole: a reader sees the old content or the new, never part of either.
 
     overwrite False: raise FileExistsError if `path` exists, checked and written as one step."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if isinstance(data, str):
         data = data.encode("utf-8")
     with locked(path.parent):
@@ -197,31 +202,52 @@ def _exchange(a: Path, b: Path) -> bool:
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.(tmp|old)-[^-]+-\d+-[0-9a-f]{8}")
 
 
+def replaceable(target: str | os.PathLike, replaced: Callable[[str], bool] = lambda name: True) -> list[Path]:
+    """Check that a whole-folder write may replace `target`; return the entries of it that the write keeps
+    (those for which `replaced(name)` is False). FileExistsError if `target` is a file, holds the current
+    folder, or would keep a folder or a special file (which would have to be copied)."""
+    old = _real(target)
+    if old.exists() and not old.is_dir():
+        raise FileExistsError(f"{old} is a file, not a folder")
+    if not old.exists():
+        return []
+    here = Path.cwd()
+    if here == old or old in here.parents:
+        raise FileExistsError(f"{old} holds the current folder; it cannot be replaced as a whole")
+    kept = [e for e in sorted(old.iterdir()) if not (replaced(e.name) or _TEMPORARY.fullmatch(e.name))]
+    odd = [e.name for e in kept if not (e.is_symlink() or e.is_file())]
+    if odd:
+        raise FileExistsError(f"{old} holds {', '.join(odd[:3])}, which is not part of what is written there; "
+                              f"give a new folder, or one that holds only files")
+    return kept
+
+
 def _carry(old: Path, new: Path, replaced: Callable[[str], bool]) -> None:
-    """Bring the entries of folder `old` that the write does not replace into `new` (hard links where possible);
-    temporaries of writes inside `old` are left behind."""
-    for entry in old.iterdir():
-        if replaced(entry.name) or (new / entry.name).exists() or _TEMPORARY.fullmatch(entry.name):
+    """Bring the files of folder `old` that the write does not replace into `new` (hard links where possible;
+    temporaries of writes inside `old` stay behind). A folder or special file there that is not replaced is
+    refused (FileExistsError) rather than copied: the old folder is only exchanged when that costs nothing."""
+    for entry in replaceable(old, replaced):
+        if (new / entry.name).exists():
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, new / entry.name)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+            continue
+        try:
+            os.link(entry, new / entry.name)
+        except OSError:
+            shutil.copy2(entry, new / entry.name)
 
 
-def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    if Path(src).is_symlink():
-        os.symlink(os.readlink(src), dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _real(target: str | os.PathLike) -> Path:
+    """`target` as an absolute path; a folder reached through a symbolic link is written where the link
+    points, and the link stays."""
+    target = Path(os.path.abspath(target))
+    return target.resolve() if target.is_symlink() else target
 
 
 def stage(target: str | os.PathLike) -> Path:
     """A new empty temporary folder beside `target`, to fill and then `publish` at `target`."""
-    target = Path(target)
+    target = _real(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     tmp.mkdir()
@@ -240,12 +266,11 @@ def publish(
     an existing `target` for which `replaced(name)` is False are carried into the new folder (default: none
     is carried); then the two are exchanged and the old one removed. On any error `tmp` is removed and
     `target` is as it was."""
-    target = Path(target)
+    target = _real(target)
     try:
         with locked(target.parent):
             _clean_stale(target)
-            if target.exists() and not target.is_dir():
-                raise FileExistsError(f"{target} is a file, not a folder")
+            replaceable(target, replaced or (lambda name: True))
             if check is not None:
                 check(target)
             if target.is_dir() and replaced is not None:
@@ -275,7 +300,7 @@ def write_dir(
 ) -> Path:
     """Make the folder `target` whole: `fill(tmp)` writes its files into a temporary folder, which is then
     published at `target` (see `publish`). A failure or a kill leaves `target` as it was."""
-    target = Path(target)
+    target = _real(target)
     tidy(target)
     tmp = stage(target)
     try:

@@ -69,21 +69,14 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
-    from .train.recipe import load_run
     import torch
 
     from .train import data as D
-    from .train.recipe import RunError
+    from .train.recipe import RunError, load_run
 
     texts = list(args.texts)
     if args.file:
-        p = Path(args.file)
-        if not p.is_file():
-            raise D.DataError(f"{p} is a folder, not a file" if p.is_dir() else f"file not found: {p}")
-        try:
-            texts += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as e:
-            raise D.DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        texts += [line for line in D.read_text(args.file, "--file").splitlines() if line.strip()]
     if not texts:
         raise D.DataError("no texts to label; give them as arguments or with --file")
     cfg, task = load_run(args.run)
@@ -103,16 +96,23 @@ def cmd_predict(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
-    from .train.recipe import load_run
     import torch
 
     from .adapters import disable_adapters, enable_adapters
-    from .train.recipe import RunError
+    from .train.data import DataError
+    from .train.recipe import RunError, load_run
 
+    if not args.prompt.strip():
+        raise DataError("--prompt is empty; give the text to continue")
     cfg, task = load_run(args.run)
     if cfg.task != "causal-lm":
         raise RunError(f"generate needs a causal-lm run; this run's task is {cfg.task}")
     enc = task.tokenizer(args.prompt, return_tensors="pt").to(task.device)
+    limit = getattr(task.model.config, "max_position_embeddings", None)
+    length = enc["input_ids"].shape[1] + args.max_new_tokens
+    if isinstance(limit, int) and length > limit:
+        raise DataError(f"the prompt ({enc['input_ids'].shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} "
+                        f"make {length} positions; the model has {limit}")
     outputs = {}
     for label in ("without adapter", "with adapter"):
         (disable_adapters if label == "without adapter" else enable_adapters)(task.model)
@@ -126,12 +126,11 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
-    from .train.recipe import load_run
     import torch
 
     from . import atomic, tensorfile
     from .merge import merge_and_unload
-    from .train.recipe import RunError
+    from .train.recipe import RunError, load_run
 
     out = Path(args.out)
 
@@ -249,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with and without a causal-LM run's adapter")
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import atomic, tensorfile
 from .adapters import holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
-from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, weight_digest
+from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, check_name, weight_digest
 from .quant import dequantize, is_quantized, nf4_roundtrip
 
 FORMAT_VERSION = "1.1"  # 1.1: the weights file's metadata carries the settings digest
@@ -276,6 +276,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         present = [out / f for f in ADAPTER_FILES if (out / f).exists()]
         if present:
             raise FileExistsError(f"{present[0]} already exists; pass overwrite=True to replace the adapter in {out}")
+    atomic.replaceable(out, lambda entry: entry in ADAPTER_FILES)
 
 
 def settings_digest(spec: AdapterSpec) -> str:
@@ -644,9 +645,10 @@ def load_adapter(
     only with `trainable=True`. Every check — shapes, file integrity, format version, the base
     fingerprint (overridable with `force=True`) — runs before the model changes. Returns the
     names of the adapted layers."""
-    spec = read_adapter(directory)
+    check_name(name)
     if name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
+    spec = read_adapter(directory)
     plan = _check_fits(model, spec, force, Path(directory))
     try:
         check_plan(plan, list(spec.saved), model, name)

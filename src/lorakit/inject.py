@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import SUPPORTED, Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, kind_of
+from .layers import SUPPORTED, Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, check_name, kind_of
 
 QKV = ("q", "k", "v")
 Target = str | type | re.Pattern | Mapping[str, tuple]
@@ -115,9 +115,11 @@ Plan = dict[str, tuple[nn.Module, LoraConfig, Slices | None]]
 def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> list[Replacement]:
     """Validate a surgery plan without changing anything; return what it would replace.
 
-    Each adapter is built on the meta device, so a bad rank or shape raises here. A module that trains in
+    Each adapter is built on the meta device, so a bad rank or shape raises here. An adapter's name is a
+    non-empty string without dots (it keys a ModuleDict). A module that trains in
     full (`saved`) may not hold or sit inside a LoRA target or another such module: its copy would share the
     target's tensors, and the adapter could never be saved."""
+    check_name(adapter)
     for outer in saved:
         for inner in [*plan, *saved]:
             if inner == outer and inner in plan:

@@ -81,6 +81,12 @@ class LoraConfig:
         return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
 
 
+def check_name(name: object) -> None:
+    """An adapter's name keys a ModuleDict: a non-empty string without dots."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+
+
 def _real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -171,6 +171,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "task", TASKS, "")
+        _text(self, "out", "")
         if self.model.quantize != "none" and self.lora.method == "full":
             raise ConfigError(f"model.quantize = {self.model.quantize} freezes the base in 4 bits, so lora.method = full "
                               f"cannot train it; use lora.method = lora or head")
@@ -220,17 +221,12 @@ def _key(section: str, name: str) -> str:
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) recipe into a nested dict."""
+    from .data import read_text
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe {p} is a folder, not a file" if p.is_dir() else f"recipe not found: {p}")
-    if p.suffix not in (".toml", ".yaml", ".yml"):
+    if p.is_file() and p.suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(f"recipe {p} must end in .toml, .yaml or .yml")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"recipe {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {p} ({e.strerror or e})") from None
+    text = read_text(p, "recipe", ConfigError)
     try:
         if p.suffix == ".toml":
             return tomllib.loads(text)

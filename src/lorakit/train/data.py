@@ -224,17 +224,23 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
 # Causal LM
 
 
-def load_text_file(path: str | Path) -> str:
-    """The whole of a UTF-8 text file."""
+def read_text(path: str | Path, what: str = "text file", error: type[Exception] = DataError) -> str:
+    """The whole of a UTF-8 text file; `error`, naming `what` and the path, when it is missing, a folder,
+    unreadable or not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"text file {path} is a folder" if path.is_dir() else f"text file not found: {path}")
+        raise error(f"{what} {path} is a folder, not a file" if path.is_dir() else f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise error(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+        raise error(f"cannot read {what} {path} ({e.strerror or e})") from None
+
+
+def load_text_file(path: str | Path) -> str:
+    """The whole of a UTF-8 text file, which must not be empty."""
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"text file is empty: {path}")
     return text

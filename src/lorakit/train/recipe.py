@@ -125,6 +125,10 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
     existing = run.is_dir() and any((run / f).exists() for f in RUN_FILES)
     if existing and not overwrite:
         raise RunError(f"{run} already holds a run; pass --overwrite to replace it or --resume to continue it")
+    try:
+        atomic.replaceable(run, lambda entry: entry in RUN_FILES)
+    except FileExistsError as e:
+        raise RunError(f"--out: {e}") from None
     return cfg, run, {}
 
 
@@ -137,7 +141,7 @@ def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) ->
         return inject(task.model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                       rslora=cfg.lora.rslora, bias=cfg.lora.bias, modules_to_save=head_of(cfg, task), dry_run=dry_run)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"lora.targets: {e}") from None
+        raise ConfigError(f"lora: {e}") from None
 
 
 def head_of(cfg: RunConfig, task: Prepared) -> list[str]:
@@ -204,7 +208,7 @@ class _Metrics:
 
     def __init__(self, path: Path, write: bool = True) -> None:
         self.path, self.writes = path, write
-        self.count = len(self.read())
+        self.count = len(self.read()) if write else 0
 
     def write(self, **record: Any) -> None:
         if not self.writes:
@@ -432,7 +436,8 @@ def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics
     metrics.write(event="test_after", **after)
     dist.barrier()
     before = progress["test_before"]
-    print_fn(f"test {key}: {before[key]:.4f} before → {after[key]:.4f} after")
+    print_fn(f"test {key}: {before[key] if before[key] is None else f'{before[key]:.4f}'} before → "
+             f"{after[key]:.4f} after")
     print_fn(f"run directory: {run} (config.json, metrics.jsonl, "
              f"{'adapter/' if cfg.lora.method == 'lora' else 'model.safetensors'}, curves.png)")
     return {"before": before, "after": after, "best_val": progress["best"], "steps": progress["step"], "run": str(run)}
