@@ -28,25 +28,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-import torch  # noqa: E402
+import lorakit
+from lorakit import hub
+from lorakit.atomic import write_file
+from lorakit.train.config import build_config, load_recipe
+from lorakit.train.recipe import train
 
-import lorakit  # noqa: E402
-from lorakit import hub  # noqa: E402
-from lorakit.train.config import build_config, load_recipe  # noqa: E402
-from lorakit.train.recipe import train  # noqa: E402
-from benchmarks.perf import replace_section  # noqa: E402
+from benchmarks.common import HERE, RESULTS, job_environment, pick, replace_section, silent
 
-HERE = Path(__file__).resolve().parent
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "causal-lm.toml"
+RECIPE = HERE.parent / "recipes" / "causal-lm.toml"
 PARTS = ("storage", "memory", "hamlet", "sentiment")
 NF4 = ["--model.quantize", "nf4"]
-
-
-def silent(*args: Any) -> None:
-    pass
 
 
 def storage() -> dict[str, Any]:
@@ -132,7 +126,8 @@ def hamlet() -> dict[str, Any]:
 def sentiment(max_train: int | None, reuse_float: bool) -> dict[str, Any]:
     """With reuse_float (full budget only) the float run is taken from benchmarks/sentiment.json,
     the same job on the same split measured by `python -m benchmarks.sentiment`."""
-    overrides = ["--train.device", "cpu"] + (["--data.max_train", str(max_train)] if max_train else [])
+    # fp32, as benchmarks.sentiment's float run (which --sentiment-reuse-float takes) is
+    overrides = ["--train.device", "cpu", "--train.bf16", "false"] + (["--data.max_train", str(max_train)] if max_train else [])
     runs = run_pair("sentiment", {}, overrides, ("nf4",) if reuse_float else ("none", "nf4"))
     if reuse_float:
         if max_train:
@@ -204,9 +199,7 @@ def _measured(part: dict[str, Any]) -> str:
 def environment() -> dict[str, Any]:
     import bitsandbytes
 
-    from benchmarks.sentiment import environment as base
-
-    return {**base(), "bitsandbytes": bitsandbytes.__version__}
+    return {**job_environment(), "bitsandbytes": bitsandbytes.__version__}
 
 
 def main() -> None:
@@ -220,10 +213,7 @@ def main() -> None:
     if args.step:
         print(json.dumps(one_step(args.step)))
         return
-    parts = [p for p in args.only.split(",") if p]
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        parser.error(f"unknown part {unknown[0]!r}; parts: {', '.join(PARTS)}")
+    parts = pick(parser, args.only, PARTS, "part")
     path = HERE / "qlora.json"
     env, command = environment(), "python -m benchmarks.qlora " + " ".join(sys.argv[1:])
     for part in parts:
@@ -233,11 +223,9 @@ def main() -> None:
         result["measured"] = {"date": env["date"], "seconds": time.perf_counter() - start, "command": command}
         results = json.loads(path.read_text()) if path.exists() else {}  # other parts stay as measured
         results.update({"environment": env, "command": command, part: result})
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(path)
+        write_file(path, json.dumps(results, indent=1) + "\n")
         body = markdown(results)
-        replace_section(HERE / "results.md", body.splitlines()[0], body + "\n")
+        replace_section(RESULTS, body.splitlines()[0], body + "\n")
         print(f"[qlora] {part} done in {time.perf_counter() - start:.0f} s", flush=True)
 
 

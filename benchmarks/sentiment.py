@@ -3,7 +3,7 @@
     python -m benchmarks.sentiment            # ~30 min on 2 CPU cores; rewrites its section of benchmarks/results.md
     python -m benchmarks.sentiment --quick    # smoke test (256 examples, 1 epoch, ~2.5 min); writes to a temp dir
 
-1. lora: lorakit LoRA, the default `RunConfig()` — LoRA on query,value, the classifier trained in full.
+1. lora: lorakit LoRA, the default job (`RunConfig()`) in fp32 — LoRA on query,value, the classifier trained in full.
 2. lora-bf16: the same with `train.bf16 = true` (bf16 autocast; the adapters stay fp32).
 3. full: lorakit full fine-tuning, the run of (1) with `lora.method = "full"` and lr 5e-5.
 4. peft: Hugging Face PEFT + `transformers.Trainer`, with the hyperparameters of (1) read from the same
@@ -21,43 +21,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-import torch  # noqa: E402
+from lorakit import hub, summary
+from lorakit.atomic import write_file
+from lorakit.files import WEIGHTS_NAME
+from lorakit.train.config import RunConfig, build_config
+from lorakit.train.recipe import apply_method, train
+from lorakit.train.tasks import default_targets, prepare
 
-import lorakit  # noqa: E402
-from lorakit import hub, summary  # noqa: E402
-from lorakit.files import WEIGHTS_NAME  # noqa: E402
-from lorakit.train.config import RunConfig, build_config  # noqa: E402
-from lorakit.train.recipe import apply_method, train  # noqa: E402
-from lorakit.train.tasks import default_targets, prepare  # noqa: E402
-
-from benchmarks.perf import pick, replace_section  # noqa: E402
+from benchmarks.common import RESULTS, job_environment, pick, replace_section, silent
 
 TITLE = "## Sentiment: LoRA vs full fine-tuning vs PEFT + Trainer"
-RESULTS = Path(__file__).resolve().parent / "results.md"
 FULL_LR = 5e-5  # the usual BERT fine-tuning rate; full fine-tuning at LoRA's 1e-3 diverges
 QUICK = ["--data.max_train", "256", "--train.epochs", "1"]
 SPLITS = ("train", "val", "test")
 METHODS = ("lora", "lora-bf16", "full", "peft", "peft-bf16")
-
-
-def silent(*args: Any) -> None:
-    pass
 
 
 def tagged(tag: str):
@@ -191,25 +179,6 @@ LABELS = {"lora": "lorakit LoRA", "lora-bf16": "lorakit LoRA, bf16 autocast", "f
           "peft": "PEFT LoRA + Trainer", "peft-bf16": "PEFT LoRA + Trainer, bf16 autocast"}
 
 
-def environment() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "lorakit": lorakit.__version__,
-            "git": commit}
-
-
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
@@ -274,8 +243,9 @@ def section(results: list[dict[str, Any]], env: dict[str, Any], cfg: RunConfig, 
             f"({r['seconds'] / 60:.1f} min) | {_size(r['file_bytes'])} |" for r in results]
     git = f" (git {env['git']})" if env["git"] else ""
     about = {
-        "lora": f"- **lorakit LoRA**: the default `RunConfig()` — LoRA r={cfg.lora.r}, α={alpha:g}, dropout "
-                f"{cfg.lora.dropout:g} on {targets}; the classifier trains in full; lr {cfg.train.lr:g}.",
+        "lora": f"- **lorakit LoRA**: the default job (`RunConfig()`) with `train.bf16 = false` — LoRA "
+                f"r={cfg.lora.r}, α={alpha:g}, dropout {cfg.lora.dropout:g} on {targets}; the classifier trains in "
+                f"full; lr {cfg.train.lr:g}.",
         "lora-bf16": "- **lorakit LoRA, bf16 autocast**: the same run with `train.bf16 = true`: the forward "
                      "autocasts to bfloat16, the adapters and the head stay fp32.",
         "full": f"- **lorakit full fine-tuning**: `lora.method = \"full\"`, every weight trains, lr {FULL_LR:g}: at "
@@ -352,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         quick = args.quick
         command = " ".join(["python -m benchmarks.sentiment", *map(shlex.quote, argv)])
         out = args.out or (Path(tempfile.mkdtemp(prefix="lorakit-bench-")) / "results.md" if quick else RESULTS)
-        base = QUICK if quick else []
+        base = [*(QUICK if quick else []), "--train.bf16", "false"]  # fp32 unless a job asks for bf16
         cfg = build_config(None, base)
         full_cfg = build_config({"lora": {"method": "full"}, "train": {"lr": FULL_LR}}, base)
-        bf16_cfg = build_config({"train": {"bf16": True}}, base)
-        env = environment()
+        bf16_cfg = build_config(None, [*base, "--train.bf16", "true"])
+        env = job_environment()
         data, label_names = lorakit_split(cfg)
         facts = data_facts(data, label_names)
         print(f"split: {facts['sizes']}; torch threads {torch.get_num_threads()}", flush=True)
@@ -378,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     replace_section(out, TITLE, body)
     raw = {"environment": env, "command": command, "seed": cfg.train.seed, "quick": quick, "data": facts,
            "config": cfg.to_dict(), "results": results}
-    out.with_name("sentiment.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    write_file(out.with_name("sentiment.json"), json.dumps(raw, indent=2) + "\n")
     print("\n" + body)
     print(f"wrote {out} and {out.with_name('sentiment.json')}")
     return 0

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.perf import TITLE, main, replace_section  # noqa: E402
+from benchmarks.common import replace_section  # noqa: E402
+from benchmarks.perf import main  # noqa: E402
+from benchmarks.report import TITLE  # noqa: E402
 
 VARIANTS = {
     "minilm-train": {"floor", "lorakit dropout 0", "peft dropout 0", "lorakit dropout 0.1", "peft dropout 0.1", "full"},

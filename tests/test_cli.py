@@ -14,7 +14,7 @@ import torch
 
 from lorakit import cli
 from lorakit.train import tasks
-from lorakit.train.recipe import load_run
+from lorakit.train.runs import load_run
 
 from conftest import WORDS
 
@@ -174,7 +174,7 @@ def test_sigint_from_outside_checkpoints_and_resumes(reviews, tmp_path):
     (["--lora.targets", "qeury"], "target 'qeury' matches no module"),
     (["--model.path", "EMPTY_MODEL_DIR"], "holds no weights"),
     (["--train.epochs", "two"], "train.epochs must be an integer, got 'two'"),
-    (["--lora.nonsense", "1"], "unknown key lora.nonsense"),
+    (["--lora.nonsense", "1"], "unrecognized arguments: --lora.nonsense"),
     (["--model.quantize", "int8"], "model.quantize must be one of none, nf4; got 'int8'"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(reviews, tmp_path, capsys, extra, message):
@@ -310,7 +310,8 @@ def test_image_recipe_trains_and_lora_adapts_it(tmp_path, capsys):
 
 def test_bf16_run_keeps_the_frozen_base_in_bf16_and_its_adapter_names_the_fp32_base(reviews, tmp_path, capsys):
     from lorakit import load_adapter
-    from lorakit.train.recipe import frozen_to_bf16
+    from lorakit.adapters import holders
+    from lorakit.train.runs import frozen_to_bf16
     from lorakit.train.tasks import prepare
 
     run = tmp_path / "run"
@@ -318,14 +319,17 @@ def test_bf16_run_keeps_the_frozen_base_in_bf16_and_its_adapter_names_the_fp32_b
     assert code == 0, err
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= final["accuracy"] <= 1
+    code, out, _ = run_cli(["eval", str(run)], capsys)  # scored as the run scored it: base in bf16
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(final["loss"], abs=1e-6)
     cfg, _ = load_run(str(run))
     fp32 = prepare(cfg).model
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a BaseMismatch warning would fail here
         load_adapter(fp32, run / "adapter")
     assert all(p.dtype == torch.float32 for p in fp32.parameters())
-    assert frozen_to_bf16(fp32) > 0
-    assert all((p.dtype == torch.float32) == p.requires_grad for p in fp32.parameters())
+    adapters = {id(p) for h in holders(fp32) for p in h.adapters.parameters()}
+    assert frozen_to_bf16(fp32, [p for p in fp32.parameters() if id(p) in adapters]) > 0
+    assert all((p.dtype == torch.float32) == (id(p) in adapters) for p in fp32.parameters())
 
 
 # ---------------------------------------------------------------- nothing lost, nothing silent

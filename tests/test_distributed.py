@@ -28,7 +28,7 @@ def args(data, model, out, batch, *extra):
     return ["train", "--data.path", str(data), "--data.text_column", "review", "--data.label_column", "verdict",
             "--model.path", str(model), "--model.max_length", "16", "--train.batch_size", str(batch),
             "--train.eval_batch_size", "16", "--train.epochs", "2", "--train.checkpoint_every", "3",
-            "--train.log_every", "1", "--train.lr", "1e-2", "--lora.r", "4", "--lora.dropout", "0",
+            "--train.log_every", "1", "--train.lr", "1e-2", "--lora.r", "4", "--lora.dropout", "0", "--train.bf16", "false",
             "--out", str(out), *extra]
 
 

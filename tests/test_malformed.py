@@ -263,7 +263,7 @@ CLI_CASES = {
                                                    str(write(ws / "merged" / "notes.txt", "x").parent), "--overwrite"],
                                     "holds files that are not a model"),
     "generate empty prompt": (lambda ws, i: ["generate", str(run_copy(ws, i.finished)), "--prompt", "  "],
-                              "--prompt is empty"),
+                              "the prompt is empty"),
     # arguments
     "generate zero tokens": (lambda ws, i: ["generate", str(run_copy(ws, i.finished)), "--prompt", "Hi",
                                             "--max-new-tokens", "0"], "must be an integer >= 1, got '0'"),

@@ -1,5 +1,7 @@
 """Recipes and overrides become typed, validated RunConfig objects."""
 
+import copy
+
 import pytest
 
 from lorakit.train.config import ConfigError, LoraSection, RunConfig, TrainSection, build_config, load_recipe
@@ -28,7 +30,7 @@ def test_overrides_are_typed_and_win():
 @pytest.mark.parametrize("overrides, message", [
     (["--lora.r", "-2"], "lora.r must be an integer >= 1, got -2"),
     (["--lora.r", "2.5"], "lora.r must be an integer, got '2.5'"),
-    (["--lora.dropout", "1.5"], "lora.dropout must be a finite number in [0, 1), got 1.5"),
+    (["--lora.dropout", "1.5"], "lora.dropout must be in [0, 1), got 1.5"),
     (["--lora.bias", "some"], "lora.bias must be one of none, all, lora_only; got 'some'"),
     (["--task", "translate"], "task must be one of classify, causal-lm, image; got 'translate'"),
     (["--train.bf16", "maybe"], "train.bf16 must be true or false, got 'maybe'"),
@@ -46,10 +48,10 @@ def test_overrides_are_typed_and_win():
     (["--train.warmup", "nan"], "train.warmup must be a finite number in [0, 1)"),
     (["--train.warmup", "1"], "train.warmup must be a finite number in [0, 1)"),
     (["--train.seed", "-1"], "train.seed must be an integer in [0, 2**63), got -1"),
-    (["--lora.alpha", "inf"], "lora.alpha must be a finite number > 0, got inf"),
-    (["--lora.alpha", "-8"], "lora.alpha must be a finite number > 0, got -8.0"),
-    (["--lora.dropout", "nan"], "lora.dropout must be a finite number in [0, 1), got nan"),
-    (["--lora.dropout", "-1e-9"], "lora.dropout must be a finite number in [0, 1)"),
+    (["--lora.alpha", "inf"], "lora.alpha must be a finite number > 0 (or None for alpha = r), got inf"),
+    (["--lora.alpha", "-8"], "lora.alpha must be a finite number > 0 (or None for alpha = r), got -8.0"),
+    (["--lora.dropout", "nan"], "lora.dropout must be in [0, 1), got nan"),
+    (["--lora.dropout", "-1e-9"], "lora.dropout must be in [0, 1)"),
     (["--data.max_train", "0"], "data.max_train must be an integer >= 1, got 0"),
     (["--data.text_column", ""], "data.text_column must be a non-empty string"),
     (["stray"], "unexpected argument 'stray'"),
@@ -77,7 +79,7 @@ def test_bad_recipe_files(tmp_path):
     (lambda: RunConfig(train=TrainSection(lr=float("inf"))), "train.lr must be a finite number > 0, got inf"),
     (lambda: RunConfig(train=TrainSection(max_grad_norm=-1.0)), "train.max_grad_norm must be a finite number > 0"),
     (lambda: RunConfig(train=TrainSection(bf16="yes")), "train.bf16 must be true or false, got 'yes'"),
-    (lambda: RunConfig(lora=LoraSection(alpha=float("nan"))), "lora.alpha must be a finite number > 0, got nan"),
+    (lambda: RunConfig(lora=LoraSection(alpha=float("nan"))), "lora.alpha must be a finite number > 0 (or None for alpha = r), got nan"),
     (lambda: RunConfig(lora=LoraSection(targets="query")), "lora.targets must be a list of module-name suffixes"),
 ])
 def test_typed_config_validates_when_built_directly(build, message):
@@ -92,3 +94,43 @@ def test_recipe_numbers_must_be_finite(tmp_path):
     recipe.write_text("[train]\nweight_decay = -inf\n")
     with pytest.raises(ConfigError, match=r"train.weight_decay must be a finite number >= 0, got -inf"):
         build_config(load_recipe(recipe))
+
+
+def _other_value(hint, default):
+    """A valid value of a LoraConfig field that is not its default, chosen by the field's type."""
+    import typing
+
+    if typing.get_origin(hint) is typing.Literal:
+        return next(v for v in typing.get_args(hint) if v != default)
+    if hint is bool:
+        return not default
+    if hint is int:
+        return 2
+    return 0.25  # float fields (alpha, dropout)
+
+
+def test_a_lora_setting_is_defined_once_and_reaches_inject_the_file_and_inspect(convnet, tmp_path, reviews,
+                                                                                   tiny_bert, capsys):
+    """Every LoraConfig field is a recipe key (--lora.NAME), reaches inject, is written to the adapter file and
+    shown by `lorakit inspect` — with no list of the fields anywhere but LoraConfig itself."""
+    import dataclasses
+    import json
+    import typing
+
+    import lorakit
+    from lorakit import LoraConfig, cli
+
+    hints = typing.get_type_hints(LoraConfig)
+    for f in dataclasses.fields(LoraConfig):
+        value = _other_value(hints[f.name], f.default)
+        cfg = build_config({}, [f"--lora.{f.name}", str(value).lower() if isinstance(value, bool) else str(value)])
+        assert getattr(cfg.lora.adapter, f.name) == value, f.name
+        model = copy.deepcopy(convnet)
+        report = lorakit.inject(model, ["fc1"], cfg.lora.adapter)
+        assert getattr(report.config, f.name) == value and f"{f.name}={value}" in str(report)
+        folder = tmp_path / f.name
+        lorakit.save_adapter(model, folder, print_fn=lambda *a: None)
+        assert json.loads((folder / "adapter_config.json").read_text())["lora"][f.name] == value, f.name
+        code = cli.main(["inspect", "--data.path", str(reviews), "--data.text_column", "review", "--data.label_column",
+                         "verdict", "--model.path", str(tiny_bert), f"--lora.{f.name}", str(value)])
+        assert code == 0 and f"{f.name}={value}" in capsys.readouterr().out, f.name

@@ -15,12 +15,23 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule, check_name
+from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule
 
 
 def holders(model: nn.Module) -> list[LoraLayer | SavedModule]:
     """Every module of `model` that holds adapters: LoRA layers and modules_to_save copies."""
     return [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
+
+
+def check_name(name: object) -> None:
+    """An adapter's name keys a ModuleDict: a non-empty string without dots."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Every LoRA layer in the model, by name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def list_adapters(model: nn.Module) -> list[str]:

@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from . import atomic, tensorfile
-from .adapters import holders, list_adapters
+from .adapters import check_name, holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
-from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, check_name, weight_digest
+from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of
 from .quant import dequantize, is_quantized, nf4_roundtrip
+from .targets import check_slices, matches_suffix
 
 FORMAT_VERSION = "1.1"  # 1.1: the weights file's metadata carries the settings digest
 CONFIG_NAME = "adapter_config.json"
@@ -76,6 +77,29 @@ class AdapterSpec:
 # ---------------------------------------------------------------- fingerprint
 
 
+def weight_digest(weight: Tensor) -> str:
+    """A hash of a frozen weight: its shape and up to 65,536 evenly strided values in fp32.
+
+    Enough to tell one pretrained base from another without reading every byte of a large model."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 65536)
+    sample = flat[::step][:65536].to(device="cpu", dtype=torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(weight.shape)).encode())
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_digest(layer: LoraLayer) -> str:
+    """`weight_digest` of a LoRA layer's W0 (a 4-bit base: of its dequantized weight), taken once and kept
+    on the layer (`base_sha`): call it before W0 first changes (a merge, a cast to bf16, sharding), so the
+    fingerprint still names the base the adapter was trained on."""
+    if layer.base_sha is None:
+        if layer.merged:
+            raise ValueError(f"the base digest of a layer must be taken before {layer.merged} are merged into it")
+        layer.base_sha = weight_digest(dequantize(layer.base) if is_quantized(layer.base) else layer.base.weight)
+    return layer.base_sha
+
+
 def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = None) -> dict:
     """Architecture, adapted-layer shapes and a hash of their frozen (unmerged) weights.
 
@@ -87,16 +111,16 @@ def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = 
     shapes, quantized = {}, []
     for name in sorted(layer_names):
         module = model.get_submodule(name)
-        base = module.base if isinstance(module, LoraLayer) else module
+        base = base_of(module)
         if is_quantized(base):
             qs = base.weight.quant_state
             quantized.append({"method": qs.quant_type, "block_size": qs.blocksize, "double_quant": bool(qs.nested)})
-            digest = module.base_digest() if isinstance(module, LoraLayer) else weight_digest(dequantize(base))
+            digest = base_digest(module) if isinstance(module, LoraLayer) else weight_digest(dequantize(base))
             shape = [base.out_features, base.in_features]
         else:
             weight = base.weight if as_nf4 is None else nf4_roundtrip(base.weight, as_nf4["block_size"],
                                                                       as_nf4["double_quant"])
-            digest = module.base_digest() if isinstance(module, LoraLayer) and as_nf4 is None else weight_digest(weight)
+            digest = base_digest(module) if isinstance(module, LoraLayer) and as_nf4 is None else weight_digest(weight)
             shape = list(base.weight.shape)
         h.update(f"{name}:{digest}".encode())
         shapes[name] = shape
@@ -181,7 +205,7 @@ def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
             check(f"{name}.{k}", v, own[k].shape)
     for name, bias in spec.biases.items():
         module = model.get_submodule(name)
-        check(f"{name}.bias", bias, (module.base if isinstance(module, LoraLayer) else module).bias.shape)
+        check(f"{name}.bias", bias, base_of(module).bias.shape)
     if problems:
         raise AdapterFileError(f"refusing to save adapter {adapter!r}: " + "; ".join(problems[:6])
                                + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
@@ -562,7 +586,7 @@ def _saved_root(key: str, saved: list[str]) -> str | None:
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:i])
-        if any(prefix == s or prefix.endswith("." + s) for s in saved):
+        if any(matches_suffix(prefix, s) for s in saved):
             return prefix
     return None
 
@@ -585,9 +609,12 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
     for name, (config, slices) in spec.layers.items():
         if (module := find(name, "layer")) is None:
             continue
-        base = module.base if isinstance(module, LoraLayer) else module
+        base = base_of(module)
         try:
-            expected = LoraAdapter(Geometry.of(base), config, slices, device="meta")
+            geometry = Geometry.of(base)
+            if slices is not None:
+                check_slices(slices, geometry.out_features, name)
+            expected = LoraAdapter(geometry, config, slices, device="meta")
         except (TypeError, ValueError) as e:
             problems.append(f"{name}: {e}")
             continue
@@ -608,7 +635,7 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
     for module_name, b in spec.biases.items():
         if (target := find(module_name, "module (trained bias)")) is None:
             continue
-        own = getattr(target.base if isinstance(target, LoraLayer) else target, "bias", None)
+        own = getattr(base_of(target), "bias", None)
         if own is None or own.shape != b.shape:
             problems.append(f"{module_name}.bias has shape {tuple(b.shape)} in the file but "
                             f"{None if own is None else tuple(own.shape)} here")
@@ -677,7 +704,7 @@ def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
         model.get_submodule(module_name).adapters[name].load_state_dict(state, strict=True)
     for module_name, b in spec.biases.items():
         target = model.get_submodule(module_name)
-        (target.base if isinstance(target, LoraLayer) else target).bias.copy_(b)
+        base_of(target).bias.copy_(b)
 
 
 def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: bool = False) -> None:
@@ -716,6 +743,4 @@ def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: b
     for layer_name, (config, _) in spec.layers.items():
         adapter = model.get_submodule(layer_name).adapters[name]
         adapter.config, adapter.scale = config, config.scale
-        if isinstance(adapter.dropout, nn.Dropout):
-            adapter.dropout.p = config.dropout
     _copy_in(model, spec, name)

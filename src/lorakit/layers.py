@@ -10,6 +10,9 @@ by composition; what differs between them is captured by a `Geometry`. A bitsand
 `Linear4bit` (QLoRA's NF4 base, see quant.py) is a Linear here too: it computes W0·x itself, and only
 merging has to dequantize and re-quantize its weight.
 
+This file is the idea; how fast the update is computed lives beside it (fused.py: training and inference
+kernels; mixed.py: one adapter per row of a batch).
+
 A fused projection (GPT-2's `c_attn` computes q, k and v with one 768→2304 weight) can be adapted
 on some output slices only: each slice gets its own rank-r pair (A_i, B_i). The A_i are stacked
 into one (p·r, in) matrix so the input is read once; the B_i are scattered into an (out, p·r)
@@ -18,12 +21,8 @@ block matrix whose rows for untouched slices are zero, so ΔW = up · A holds ex
 
 from __future__ import annotations
 
-import hashlib
 import math
-import threading
 import warnings
-import weakref
-from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused, mixed
 from .quant import dequantize, is_quantized, requantize
 
 Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
@@ -79,12 +79,6 @@ class LoraConfig:
     def scale(self) -> float:
         alpha = self.r if self.alpha is None else self.alpha
         return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
-
-
-def check_name(name: object) -> None:
-    """An adapter's name keys a ModuleDict: a non-empty string without dots."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
 
 
 def _real(value: object) -> bool:
@@ -163,111 +157,9 @@ class Geometry:
 Slices = tuple[tuple[int, int], ...]
 
 
-def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
-    """A bool mask shaped like x, each entry False with probability p rounded to a multiple of 2⁻¹⁶,
-    and that rounded p (the caller rescales by 1/(1-p) with it, so the update stays unbiased).
-
-    Four entries come from one 64-bit random draw (its four 16-bit words, each compared with a
-    threshold): several times faster on CPU than drawing a float per entry, which is what makes
-    dropout on x nearly free next to the matmuls."""
-    drop = round(p * 65536)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
-    keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768
-    return keep, drop / 65536
-
-
-_draws = threading.local()
-
-
-def _shared_keep_mask(x: Tensor, rows: Tensor, p: float, user: nn.Module) -> tuple[Tensor, float]:
-    """`_keep_mask` for `rows` (the layer input x as the matmul reads it), shared by the LoRA layers that read
-    the same x one after another: q, k and v (gate and up) drop the same entries of their common input, one
-    draw instead of three, as a single A for the three would. The last draw is remembered by weak reference
-    to x (with its version counter, so an x changed in place draws again) and to the mask (alive while the
-    autograd graph that saved it is); a layer that already used it (one called twice) draws anew."""
-    last = getattr(_draws, "last", None)
-    if last is not None:
-        x_ref, version, asked, keep_ref, drawn, users = last
-        keep = keep_ref()
-        if (x_ref() is x and x._version == version and asked == p and keep is not None
-                and keep.shape == rows.shape and id(user) not in users):
-            users.add(id(user))
-            return keep, drawn
-    keep, drawn = _keep_mask(rows, p)
-    _draws.last = (weakref.ref(x), x._version, p, weakref.ref(keep), drawn, {id(user)})
-    return keep, drawn
-
-
-class FastDropout(nn.Dropout):
-    """nn.Dropout whose mask comes from `_keep_mask` on CPU: the same Bernoulli keep with the 1/(1-p)
-    scale, p rounded to a multiple of 2⁻¹⁶, several times faster to draw than `bernoulli_`; backward
-    keeps a 1-byte mask. On other devices it is nn.Dropout (their fused kernel is already fast)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep, p = _keep_mask(x, self.p)
-        return (x * keep).mul_(1.0 / (1.0 - p))
-
-
-def fast_dropout(model: nn.Module) -> int:
-    """Replace every plain nn.Dropout of `model` by a `FastDropout` of the same p, in place, leaving the
-    LoRA adapters' own dropout alone; returns how many were replaced. Training on CPU spends a sizeable
-    share of each step drawing the base model's dropout masks (BERT's hidden dropout): this draws them
-    several times faster, with the same distribution."""
-    adapters = {id(m.dropout) for m in model.modules() if isinstance(m, LoraAdapter)}
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is nn.Dropout and id(child) not in adapters]
-    for parent, name, child in swaps:
-        setattr(parent, name, FastDropout(child.p, child.inplace))
-    return len(swaps)
-
-
-class _LoraLinear(torch.autograd.Function):
-    """out = y + s · (dropout(x) · Aᵀ) · upᵀ for a linear base, as one autograd node.
-
-    x: (N, in), y: (N, out) the base's output, both in the compute dtype; a: (p·r, in) and up: (out, p·r)
-    the adapter's own weights, cast inside the node (no separate autograd step) and given their gradients
-    back in their own dtype. keep: the dropout mask (None without dropout) and p the probability it was drawn
-    with (`_shared_keep_mask`). Saves x itself (shared with every sibling projection that reads the same x),
-    the bool mask (1 byte an element, not a dropped copy of x; shared by the siblings too) and
-    u = dropout(x)·Aᵀ (p·r values a row); the scale rides in the matmuls.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, keep: Tensor | None,
-                p: float) -> Tensor:
-        ctx.dtypes = a.dtype, up.dtype
-        a, up = a.to(x.dtype), up.to(x.dtype)  # 16-bit copies for a 16-bit x; their gradients go back in fp32
-        u = (x if keep is None else x * keep) @ a.t()  # (N, p·r)
-        if keep is not None:
-            u.mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(x, keep, u, a, up)
-        ctx.scale, ctx.p = scale, p
-        return torch.addmm(y, u, up.t(), alpha=scale)  # (N, out)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, keep, u, a, up = ctx.saved_tensors
-        need_x, _, need_a, need_up = ctx.needs_input_grad[:4]
-        inv = 1.0 if keep is None else 1.0 / (1.0 - ctx.p)
-        gu = torch.mm(g, up).mul_(ctx.scale * inv)  # (N, p·r): ∂L/∂u, with dropout's 1/(1-p) folded in
-        grad_x = grad_a = grad_up = None
-        if need_x:
-            grad_x = gu @ a  # (N, in)
-            if keep is not None:
-                grad_x.mul_(keep)
-        if need_a:
-            grad_a = (gu.t() @ (x if keep is None else x * keep)).to(ctx.dtypes[0])  # (p·r, in)
-        if need_up:
-            grad_up = torch.mm(g.t(), u).mul_(ctx.scale).to(ctx.dtypes[1])  # (out, p·r)
-        return grad_x, g, grad_a, grad_up, None, None, None
-
-
-def _plain_update(x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: float) -> Tensor:
-    """What `_LoraLinear` computes, as plain autograd ops in x's dtype: y + s · (dropout(x) · Aᵀ) · upᵀ."""
-    xd = F.dropout(x, p, training=True) if p > 0 else x
-    return torch.addmm(y, xd @ a.to(x.dtype).t(), up.to(x.dtype).t(), alpha=scale)
+def base_of(module: nn.Module) -> nn.Module:
+    """The frozen layer itself: a LoRA layer's base, or the module when it is not a LoRA layer."""
+    return module.base if isinstance(module, LoraLayer) else module
 
 
 class LoraAdapter(nn.Module):
@@ -283,28 +175,18 @@ class LoraAdapter(nn.Module):
         super().__init__()
         if slices is not None and geometry.kind not in ("linear", "conv1d"):
             raise TypeError(f"output slices need a Linear or Conv1D base, got {geometry.kind}")
-        if slices is not None:
-            bounds = [0] + [v for s in slices for v in s] + [geometry.out_features]
-            if not slices or any(len(s) != 2 for s in slices) or bounds != sorted(bounds) \
-                    or any(start >= stop for start, stop in slices):
-                raise ValueError(f"output slices must be sorted, non-overlapping [start, stop) ranges within "
-                                 f"0..{geometry.out_features}, got {slices!r}")
+        assert slices is None or all(0 <= a < b <= geometry.out_features for a, b in slices), slices
         sizes = [geometry.out_features] if slices is None else [stop - start for start, stop in slices]
         limit = min(geometry.fan_in, min(sizes))
         if config.r > limit:
-            raise ValueError(
-                f"r={config.r} exceeds min(in, out)={limit} of this {geometry.kind} layer "
-                f"(in={geometry.fan_in}, out={min(sizes)})"
-            )
+            raise ValueError(f"r={config.r} exceeds min(in, out)={limit} of this {geometry.kind} layer "
+                             f"(in={geometry.fan_in}, out={min(sizes)})")
         self.geometry, self.config, self.slices = geometry, config, slices
         self.scale = config.scale
         r, p = config.r, len(sizes)
         a_shape = (r, geometry.in_features, *geometry.kernel_size) if geometry.kind == "conv2d" else (p * r, geometry.fan_in)
         self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.zeros(sum(sizes), r, device=device, dtype=dtype))
-        # Dropout on token ids means nothing; embeddings never take it.
-        use_dropout = config.dropout > 0 and geometry.kind != "embedding"
-        self.dropout = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -335,47 +217,20 @@ class LoraAdapter(nn.Module):
         return up
 
     def forward(self, x: Tensor) -> Tensor:
-        """s · B·A·dropout(x) for the base's input x; the result has the base output's shape."""
+        """s · B·A·dropout(x) for the base's input x; the result has the base output's shape.
+        (Embeddings take no dropout: it means nothing on token ids.)"""
         g = self.geometry
         if g.kind == "embedding":
             u = F.embedding(x, self.lora_a.T, padding_idx=g.padding_idx)  # (..., r)
             return F.linear(u, self.up()) * self.scale  # (..., dim)
-        x = self.dropout(x.to(self.lora_a.dtype))
+        x = x.to(self.lora_a.dtype)
+        if self.training and self.config.dropout > 0:
+            x = F.dropout(x, self.config.dropout, training=True)
         if g.kind == "conv2d":
             u = F.conv2d(x, self.lora_a, None, g.stride, g.padding, g.dilation)  # (N, r, H', W')
             return F.conv2d(u, self.up()[:, :, None, None]) * self.scale  # (N, out, H', W')
         u = F.linear(x, self.lora_a)  # (..., p·r)
         return F.linear(u, self.up()) * self.scale  # (..., out)
-
-    def add_to(self, x: Tensor, y: Tensor) -> Tensor:
-        """y + s · B·A·dropout(x): the base's output y with this adapter's update added.
-
-        Linear and Conv1D bases: on CPU, one fused autograd node (`_LoraLinear`), which saves x and a
-        bool mask rather than a dropped copy of x; on a GPU, where steps of this size are bound by the
-        host's launch overhead rather than by the matmuls, the same update as plain autograd ops
-        (`_plain_update`: fewer Python steps per layer). Without autograd the update is added into y in
-        place. The matmuls run in y's dtype when it is 16-bit (a bf16 base or autocast) and in the
-        adapter's dtype otherwise."""
-        g = self.geometry
-        if g.kind not in ("linear", "conv1d"):
-            return y + self(x).to(y.dtype)
-        dtype = y.dtype if y.dtype in (torch.bfloat16, torch.float16) else self.lora_a.dtype
-        x2 = x.reshape(-1, g.in_features).to(dtype)  # (N, in)
-        y2 = y.reshape(-1, g.out_features).to(dtype)  # (N, out)
-        p = self.config.dropout if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        device = x.device.type
-        if torch.is_grad_enabled() and device != "cpu":
-            out = _plain_update(x2, y2, self.lora_a, self.up(), self.scale, p)
-        else:
-            # The dtypes are chosen above; autocast (entered only when on: entering costs time) would recast.
-            with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-                if torch.is_grad_enabled():
-                    keep, p = _shared_keep_mask(x, x2, p, self) if p > 0 else (None, 0.0)
-                    out = _LoraLinear.apply(x2, y2, self.lora_a, self.up(), self.scale, keep, p)
-                else:
-                    x2 = self.dropout(x2)
-                    out = y2.addmm_(x2 @ self.lora_a.to(dtype).t(), self.up().to(dtype).t(), alpha=self.scale)
-        return out.to(y.dtype).view(y.shape)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -395,24 +250,14 @@ class LoraAdapter(nn.Module):
         return f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
 
 
-def weight_digest(weight: Tensor) -> str:
-    """A hash of a frozen weight: its shape and up to 65,536 evenly strided values in fp32.
-
-    Enough to tell one pretrained base from another without reading every byte of a large model."""
-    flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // 65536)
-    sample = flat[::step][:65536].to(device="cpu", dtype=torch.float32).contiguous()
-    h = hashlib.sha256(str(tuple(weight.shape)).encode())
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
 class LoraLayer(nn.Module):
     """A frozen base layer and its named adapters; the active one adds its update to the output.
 
     merged: names of adapters folded into the base weight, which then no longer add anything.
     disabled: when True the layer is exactly its base (unless adapters are merged).
     rows: per-row adapter names for a mixed batch (see `lorakit.mixed_batch`), else None.
+    base_sha: the digest of W0 that adapter files name as their base (`lorakit.files.base_digest`), taken
+    before W0 first changes (a merge, a cast), else None.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -424,8 +269,7 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.rows: list[str | None] | None = None
-        self._digest: str | None = None
-        self._banked: tuple[tuple, Tensor, Tensor] | None = None
+        self.base_sha: str | None = None
         self.train(base.training)
 
     def add(self, name: str, config: LoraConfig, slices: Slices | None = None) -> LoraAdapter:
@@ -441,69 +285,19 @@ class LoraLayer(nn.Module):
         return adapter
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """W0·x, plus s·B·A·dropout(x) of the active adapter (of each row's, in a mixed batch)."""
         y = self.base(x, *args, **kwargs)
         if self.disabled:
             return y
         if self.rows is not None:
-            return y + self._per_row(x).to(y.dtype)
+            return y + mixed.lora_rows(self, x).to(y.dtype)
         if self.active is None or self.active in self.merged:
             return y
         adapter = self.adapters[self.active]
         if self.training and torch.is_grad_enabled() and not adapter.lora_a.requires_grad:
             warnings.warn(f"training with LoRA adapter {self.active!r} frozen, so it will not learn; "
                           f"load it with trainable=True (or call lorakit.freeze) to train it", stacklevel=2)
-        return adapter.add_to(x, y)
-
-    def _per_row(self, x: Tensor) -> Tensor:
-        """Row i of the batch gets adapter rows[i] (None: no update), as two gathered bmm's.
-
-        Every adapter's A and s·up are zero-padded to the largest rank R and stacked into a bank
-        with one extra all-zero entry for rows without an adapter; padding with zeros is exact.
-        Dropout is not applied: mixed batches serve inference."""
-        g, rows = self.geometry, self.rows
-        if g.kind == "conv2d":
-            raise TypeError("mixed-adapter batches support Linear, Conv1D and Embedding layers, not Conv2d")
-        if self.merged:
-            raise ValueError(f"adapters {self.merged} are merged into the base weights; unmerge before a mixed batch")
-        if x.shape[0] != len(rows):
-            raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
-        names = list(self.adapters)
-        index = torch.tensor([names.index(n) if n in self.adapters else len(names) for n in rows], device=x.device)
-        ref = next(iter(self.adapters.values())).lora_a
-        a_bank, up_bank = self._bank()
-        up = up_bank[index]  # (B, out, R)
-        if g.kind == "embedding":
-            u = a_bank.transpose(1, 2)[index[:, None], x]  # (B, T, R)
-            return torch.bmm(u, up.transpose(1, 2))  # (B, T, dim)
-        xb = x.to(ref.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
-        u = torch.bmm(xb, a_bank[index].transpose(1, 2))  # (B, L, R)
-        return torch.bmm(u, up.transpose(1, 2)).reshape(*x.shape[:-1], g.out_features)  # (B, ..., out)
-
-    def _bank(self) -> tuple[Tensor, Tensor]:
-        """A: (n+1, R, in) and s·up: (n+1, out, R) of every adapter, zero-padded to the largest rank R.
-
-        Without autograd the bank is kept and rebuilt only when an adapter's weights change (their
-        version counters), so serving mixed batches does not restack it on every call."""
-        key = tuple((id(a), p.data_ptr(), p._version) for a in self.adapters.values() for p in (a.lora_a, a.lora_b))
-        if self._banked is not None and self._banked[0] == key and not torch.is_grad_enabled():
-            return self._banked[1], self._banked[2]
-        adapters = list(self.adapters.values())
-        rank, ref = max(a.lora_a.shape[0] for a in adapters), adapters[0].lora_a
-        a_bank = ref.new_zeros(len(adapters) + 1, rank, ref.shape[1])  # (n+1, R, in)
-        up_bank = ref.new_zeros(len(adapters) + 1, self.geometry.out_features, rank)  # (n+1, out, R)
-        for i, a in enumerate(adapters):
-            a_bank[i, :a.lora_a.shape[0]] = a.lora_a
-            up_bank[i, :, :a.lora_a.shape[0]] = a.up() * a.scale
-        self._banked = (key, a_bank, up_bank) if not torch.is_grad_enabled() else None
-        return a_bank, up_bank
-
-    def base_digest(self) -> str:
-        """`weight_digest` of W0 (a 4-bit base: of its dequantized weight), remembered before the
-        first merge changes the weight."""
-        if self._digest is None:
-            assert not self.merged, "digest must be taken before merging"
-            self._digest = weight_digest(dequantize(self.base) if is_quantized(self.base) else self.base.weight)
-        return self._digest
+        return fused.add_update(adapter, x, y)
 
     @torch.no_grad()
     def merge(self, name: str) -> float | None:
@@ -513,7 +307,6 @@ class LoraLayer(nn.Module):
         is the max abs weight error that re-quantization added (None for a float base)."""
         if name in self.merged:
             return None
-        self.base_digest()
         delta = self.adapters[name].delta_weight()
         self.merged.append(name)
         if is_quantized(self.base):
@@ -573,10 +366,4 @@ class SavedModule(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.rows is None or self.disabled:
             return self.current()(x, *args, **kwargs)
-        if x.shape[0] != len(self.rows):
-            raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(self.rows)} adapter names were given")
-        y = self.original(x, *args, **kwargs)
-        for name in {n for n in self.rows if n in self.adapters}:
-            mask = torch.tensor([n == name for n in self.rows], device=x.device)
-            y = torch.where(mask.view(-1, *[1] * (y.ndim - 1)), self.adapters[name](x, *args, **kwargs), y)
-        return y
+        return mixed.saved_rows(self, x, *args, **kwargs)

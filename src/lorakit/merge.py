@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .inject import _set_submodule
+from .adapters import lora_layers
+from .files import base_digest
+from .inject import replace_module
 from .layers import LoraLayer, SavedModule
-from .quant import dequantized_copy, is_quantized
+from .qlora import dequantize_all
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,6 @@ class MergeReport:
         out = "" if self.output_error is None else f", output changed by up to {self.output_error:.3g} on the probe batch"
         return (f"lorakit: merged into {len(self.requant_error)} NF4 layers by dequantize → add → re-quantize: "
                 f"weights off W0 + s·ΔW by up to {self.max_weight_error:.3g} (max abs){out}")
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer in the model, by name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def _require_lora(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -73,6 +70,7 @@ def merge(model: nn.Module, adapter: str | None = None, probe: Tensor | dict | N
     before = _run_probe(model, probe) if probe is not None else None
     errors = {}
     for name, layer, chosen in plan:
+        base_digest(layer)  # an adapter file names W0 as its base: take its digest before W0 changes
         error = layer.merge(chosen)
         if error is not None:
             errors[name] = error
@@ -123,30 +121,13 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None, dtype: torch.
     is left. Without it, a 4-bit base is merged by re-quantizing (see `merge`)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
-    dequantized = _dequantize_all(model) if dtype is not None else []
+    dequantized = dequantize_all(model) if dtype is not None else []
     merge(model, adapter)
     for linear in dequantized:
         linear.to(dtype)
     for name, layer in lora_layers(model):
-        _set_submodule(model, name, layer.base)
+        replace_module(model, name, layer.base)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SavedModule)]:
         chosen = adapter if adapter is not None else module.active
-        _set_submodule(model, name, module.adapters[chosen] if chosen in module.adapters else module.original)
+        replace_module(model, name, module.adapters[chosen] if chosen in module.adapters else module.original)
     return model
-
-
-def _dequantize_all(model: nn.Module) -> list[nn.Linear]:
-    """Replace every 4-bit layer (LoRA bases included) by an fp32 nn.Linear holding its dequantized
-    weight; a LoRA layer with adapters already merged into its 4-bit weight is refused."""
-    found = [(n, m) for n, m in model.named_modules() if is_quantized(m)]
-    holders = {n: model.get_submodule(n.rpartition(".")[0]) for n, _ in found}
-    for name, holder in holders.items():
-        if isinstance(holder, LoraLayer) and holder.merged:
-            raise ValueError(f"{name.rpartition('.')[0]!r} already has {holder.merged} merged into its 4-bit weight")
-    out = []
-    for name, module in found:
-        if isinstance(holders[name], LoraLayer):
-            holders[name].base_digest()
-        out.append(linear := dequantized_copy(module))
-        _set_submodule(model, name, linear)
-    return out

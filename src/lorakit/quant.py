@@ -11,17 +11,16 @@ scale each, after subtracting their mean). Bits per weight:
 
     fp32 32  |  NF4 4 + 32/64 = 4.5  |  NF4 + double quant 4 + 8/64 + 32/(64·256) ≈ 4.127
 
-Storage and kernels are bitsandbytes' `Linear4bit` (quant_type "nf4"); this file only chooses the
-layers, converts them, reads the weights back (`dequantize`) and writes merged ones (`requantize`).
-A LoRA layer holds a `Linear4bit` as its `base` exactly as it holds an `nn.Linear`.
+Storage and kernels are bitsandbytes' `Linear4bit` (quant_type "nf4"); this file converts one layer
+(`to_nf4`), reads its weight back (`dequantize`) and writes a merged one (`requantize`). It imports nothing
+of lorakit's; choosing a model's layers and swapping them (`quantize_base`) is surgery, in qlora.py. A LoRA
+layer holds a `Linear4bit` as its `base` exactly as it holds an `nn.Linear`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,7 +33,7 @@ COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.
 DQ_BLOCK = 256  # scales per block of bitsandbytes' double quantization
 
 
-def _bnb():
+def load_bitsandbytes():
     if "bitsandbytes" not in sys.modules:
         # On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the Hugging Face Hub
         # and warns when it can't; lorakit never uses it, so the warning is noise.
@@ -56,7 +55,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def nf4_code() -> Tensor:
     """The 16 NF4 code values, ascending, as bitsandbytes stores them."""
-    return _bnb().functional.get_4bit_type("nf4", device="cpu").float().sort().values
+    return load_bitsandbytes().functional.get_4bit_type("nf4", device="cpu").float().sort().values
 
 
 def nf4_half_gap() -> float:
@@ -64,85 +63,10 @@ def nf4_half_gap() -> float:
     return nf4_code().diff().max().item() / 2
 
 
-@dataclass(frozen=True)
-class QuantReport:
-    """What `quantize_base` converted and the bytes the converted weights take before and after."""
-
-    names: list[str]
-    block_size: int
-    double_quant: bool
-    compute_dtype: torch.dtype
-    bytes_before: int
-    bytes_after: int
-
-    def __str__(self) -> str:
-        dq = " + double quant" if self.double_quant else ""
-        return (f"lorakit: quantized {len(self.names)} Linear layers to NF4{dq} (blocks of {self.block_size}, "
-                f"compute in {str(self.compute_dtype).removeprefix('torch.')}): weights "
-                f"{self.bytes_before / 2**20:,.1f} MiB → {self.bytes_after / 2**20:,.1f} MiB "
-                f"({self.bytes_after / max(self.bytes_before, 1):.3f}×)")
-
-
-def quantize_base(
-    model: nn.Module,
-    targets="all-linear",
-    *,
-    exclude: Iterable[str] = (),
-    double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
-    block_size: int = 64,
-) -> QuantReport:
-    """Replace the target nn.Linear layers of `model` by frozen NF4 `bitsandbytes.nn.Linear4bit`, in place.
-
-    targets: as `lorakit.inject` takes them; "all-linear" is every nn.Linear except the output head.
-    exclude: module names left in float (modules that train in full, such as a new classifier).
-    The output head and embeddings are never quantized. compute_dtype: the dtype the weight is
-    dequantized to for each matmul. Everything is checked before the model changes: a layer that is
-    already quantized, wrapped by LoRA (quantize before `inject`), not an nn.Linear, the output head,
-    or one whose in_features is not a multiple of block_size raises, naming it."""
-    from .inject import _set_submodule, output_head, resolve_targets
-    from .layers import LoraLayer
-
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {', '.join(map(str, COMPUTE_DTYPES))}, got {compute_dtype!r}")
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    excluded = set(exclude)
-    chosen = {n: m for n, (m, _) in resolve_targets(model, targets, exclude=excluded).items() if n not in excluded}
-    head = output_head(model)
-    for name, module in chosen.items():
-        if isinstance(module, LoraLayer):
-            raise ValueError(f"module {name!r} is already a LoRA layer; quantize the base before lorakit.inject")
-        if is_quantized(module):
-            raise ValueError(f"module {name!r} is already quantized ({type(module).__name__}, "
-                             f"{module.weight.quant_state.quant_type}); quantize a float model")
-        if type(module) is not nn.Linear:
-            raise TypeError(f"NF4 quantization converts nn.Linear layers; {name!r} is {type(module).__name__}")
-        if module is head:
-            raise ValueError(f"module {name!r} is the output head, which stays in float; leave it out of targets")
-        if module.in_features % block_size:
-            # bitsandbytes 0.50's CPU kernel decodes such a layer wrongly (its blocks cross rows).
-            raise ValueError(f"module {name!r} has in_features={module.in_features}, not a multiple of "
-                             f"block_size={block_size}, which bitsandbytes' 4-bit CPU kernel does not decode "
-                             f"correctly; leave it out of targets or pick a block_size that divides it")
-        if not module.weight.is_floating_point():
-            raise TypeError(f"module {name!r} has a {module.weight.dtype} weight; NF4 quantizes float weights")
-    _bnb()
-    before = after = 0
-    for name, module in chosen.items():
-        q = to_nf4(module, double_quant=double_quant, compute_dtype=compute_dtype, block_size=block_size)
-        before += module.weight.numel() * module.weight.element_size()
-        after += nf4_bytes(q)
-        _set_submodule(model, name, q)
-    return QuantReport(list(chosen), block_size, double_quant, compute_dtype, before, after)
-
-
 def to_nf4(linear: nn.Linear, *, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
            block_size: int = 64) -> nn.Module:
     """A frozen `Linear4bit` (NF4) holding `linear`'s weight; the bias is kept as it is, frozen."""
-    bnb = _bnb()
+    bnb = load_bitsandbytes()
     w = linear.weight.detach()
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
@@ -184,14 +108,14 @@ def dequantize(module: nn.Module) -> Tensor:
     if not is_quantized(module):
         raise TypeError(f"{type(module).__name__} is not a 4-bit quantized layer")
     data, qs = _plain_state(module)
-    return _bnb().functional.dequantize_4bit(data, qs).float().reshape(module.out_features, module.in_features)
+    return load_bitsandbytes().functional.dequantize_4bit(data, qs).float().reshape(module.out_features, module.in_features)
 
 
 @torch.no_grad()
 def requantize(module: nn.Module, weight: Tensor) -> float:
     """Store `weight` (out, in) in `module` with the module's own NF4 settings; return the max abs
     error the re-quantization introduced, max |dequantize(module) - weight|."""
-    bnb = _bnb()
+    bnb = load_bitsandbytes()
     data, qs = _plain_state(module)
     old = module.weight
     new = bnb.nn.Params4bit(weight.float().contiguous(), requires_grad=False, blocksize=qs.blocksize,
@@ -199,61 +123,6 @@ def requantize(module: nn.Module, weight: Tensor) -> float:
                             quant_storage=data.dtype, module=module).to(old.device)
     module.weight = new
     return (dequantize(module) - weight.float().to(old.device)).abs().max().item()
-
-
-@dataclass(frozen=True)
-class StorageTable:
-    """Bytes of a model's linear weights in fp32, NF4 and NF4 with double quantization."""
-
-    layers: int
-    weights: int
-    fp32: int
-    nf4: int
-    nf4_dq: int
-    block_size: int
-
-    def ratio(self, which: str) -> float:
-        return getattr(self, which) / self.fp32
-
-    def rows(self) -> list[tuple[str, int, float, float]]:
-        """(format, bytes, bytes per weight, × fp32) per format."""
-        return [(label, b, b / self.weights, b / self.fp32)
-                for label, b in (("fp32", self.fp32), ("NF4", self.nf4), ("NF4 + double quant", self.nf4_dq))]
-
-    def __str__(self) -> str:
-        lines = [f"{self.layers} linear layers, {self.weights:,} weights, NF4 blocks of {self.block_size}",
-                 f"  {'format':<20} {'MiB':>9} {'bytes/weight':>13} {'× fp32':>8}"]
-        lines += [f"  {label:<20} {b / 2**20:>9.2f} {per:>13.4f} {ratio:>8.4f}" for label, b, per, ratio in self.rows()]
-        return "\n".join(lines)
-
-
-@torch.no_grad()
-def storage_table(model: nn.Module, targets="all-linear", block_size: int = 64) -> StorageTable:
-    """Quantize each target Linear weight both ways (one at a time, the model is not changed) and
-    count the bytes bitsandbytes actually stores."""
-    from .inject import resolve_targets
-
-    bnb = _bnb()
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
-    chosen = [m for m, _ in resolve_targets(model, targets).values() if type(m) is nn.Linear]
-    if not chosen:
-        raise ValueError(f"no float nn.Linear layer in {type(model).__name__} matches {targets!r}")
-    fp32 = nf4 = nf4_dq = weights = 0
-    for m in chosen:
-        w = m.weight.detach().float().contiguous()
-        weights += w.numel()
-        fp32 += w.numel() * 4
-        for nested in (False, True):
-            packed, qs = bnb.functional.quantize_4bit(w, blocksize=block_size, compress_statistics=nested,
-                                                      quant_type="nf4")
-            tensors = [packed, qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if nested else [])
-            size = sum(t.numel() * t.element_size() for t in tensors)
-            if nested:
-                nf4_dq += size
-            else:
-                nf4 += size
-    return StorageTable(len(chosen), weights, fp32, nf4, nf4_dq, block_size)
 
 
 def nf4_bits_per_weight(block_size: int = 64, double_quant: bool = True) -> float:
@@ -266,7 +135,7 @@ def nf4_bits_per_weight(block_size: int = 64, double_quant: bool = True) -> floa
 @torch.no_grad()
 def nf4_roundtrip(weight: Tensor, block_size: int = 64, double_quant: bool = True) -> Tensor:
     """`weight` quantized to NF4 and read back, in fp32: what a quantized copy of it computes with."""
-    F = _bnb().functional
+    F = load_bitsandbytes().functional
     w = weight.detach().float().contiguous()
     packed, qs = F.quantize_4bit(w, blocksize=block_size, compress_statistics=double_quant, quant_type="nf4")
     return F.dequantize_4bit(packed, qs).float().reshape(w.shape)

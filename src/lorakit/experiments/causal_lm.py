@@ -118,7 +118,7 @@ def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..train.recipe import load_run
+    from ..train.runs import load_run
     from ..train.config import build_config, load_recipe
     from ..train.recipe import train
     from ..train.tasks import evaluate, prepare
@@ -217,7 +217,7 @@ def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
 
     report.add("## Sample continuations", "",
                f"Greedy decoding, {new_tokens} new tokens, in fp32 (training and perplexity used bf16 autocast); "
-               f"each fine-tuned model is rebuilt from its run directory (`lorakit.train.recipe.load_run`). Each block is "
+               f"each fine-tuned model is rebuilt from its run directory (`lorakit.train.runs.load_run`). Each block is "
                f"the prompt, then the model's continuation. (The play's text puts a speaker's name on a line of its "
                f"own, then the speech; these prompts use the `NAME.` form instead.)", "")
     for i, prompt in enumerate(prompts):

@@ -18,7 +18,10 @@ from torch import Tensor, nn
 
 from .. import inject, lora_layers, summary
 from ..models import ConvNet
+from ..train.config import TrainSection
 from ..train.data import load_fashion_mnist, shuffled_batches
+from ..train.loop import RunState, fit
+from ..train.tasks import Batch, Split
 from .report import Report, command_line
 
 TARGETS = ["fc1", "fc2", "fc3"]
@@ -53,20 +56,22 @@ def per_class_accuracy(pred: Tensor, y: Tensor, classes: int) -> tuple[list[floa
 
 def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, first_epoch: int = 0,
           max_steps: int | None = None) -> int:
-    """AdamW on the trainable parameters, shuffled batches of BATCH; returns the steps taken."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    """AdamW on the trainable parameters at a constant LR, shuffled batches of BATCH, through lorakit's
+    training loop; returns the steps taken."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    split = Split(len(x), lambda batch, epoch, shuffle: shuffled_batches(len(x), batch, seed, epoch),
+                  lambda index: Batch({"pixels": x[index]}, y[index], len(index)))
+    settings = TrainSection(epochs=first_epoch + epochs, batch_size=BATCH, lr=LR, weight_decay=0.0,
+                            max_grad_norm=None, max_steps=max_steps)
     model.train()
-    steps = 0
-    for epoch in range(first_epoch, first_epoch + epochs):
-        for idx in shuffled_batches(len(x), BATCH, seed, epoch):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if max_steps is not None and steps >= max_steps:
-                return steps
-    return steps
+    state = fit(model, classify, split, opt, None, params, RunState(epoch=first_epoch), settings, progress_bar=False)
+    return state.step
+
+
+def classify(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    logits = model(batch.inputs["pixels"])  # (B, classes)
+    return F.cross_entropy(logits, batch.labels), logits
 
 
 def run(out: Path, quick: bool = False, seed: int = 0) -> Path:

@@ -39,7 +39,7 @@ ALPHA = 16.0  # fixed while r varies, as in the paper (which sets α to the firs
 # tokens. lr 2e-3, twice the default job's, because the run is short: in probes of this budget at 1e-3,
 # the weaker settings had not moved off the majority class by the end.
 RUN = {"data": {"max_train": 1600}, "model": {"max_length": 48},
-       "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3}, "lora": {"alpha": ALPHA, "dropout": 0.1}}
+       "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3, "bf16": False}, "lora": {"alpha": ALPHA, "dropout": 0.1}}
 QUICK_RANKS, QUICK_TARGETS, QUICK_SEEDS, QUICK_MAX_TRAIN = (1, 8), ("Wq", "Wq,Wv"), 1, 128
 
 Key = tuple[str, int, int]  # (target set, r, seed)

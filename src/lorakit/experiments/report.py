@@ -5,6 +5,7 @@ Numbers enter a report only from measurements made in the same run; nothing is t
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import subprocess
@@ -13,47 +14,77 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import atomic
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+
+def git(*args: str) -> str:
+    """What `git ARGS` prints, run in the checkout that holds lorakit's source; "" where there is no git or
+    no checkout. Paths given as `:(top)PATH` are from the checkout's root."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def revision(describe: bool = False) -> str:
+    """Which lorakit source this is: $LORAKIT_GIT where set (the source copied to another machine, whose .git,
+    if any, is not the source's), else the checkout's `git rev-parse --short HEAD`, or with `describe` its
+    `git describe --always --dirty`; "" where neither is known."""
+    if os.environ.get("LORAKIT_GIT"):
+        return os.environ["LORAKIT_GIT"]
+    args = ("describe", "--always", "--dirty") if describe else ("rev-parse", "--short", "HEAD")
+    return git(*args).strip()
+
+
+def cpu() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU, cores, torch threads and GPU (where torch sees one), in one line."""
     import torch
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}"
+    return f"{cpu()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}"
 
 
-def versions() -> str:
+def library_versions() -> dict[str, str]:
+    """python, torch, transformers and peft (where installed) and lorakit: name -> version, in that order."""
     import torch
 
     from .. import __version__
 
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "peft"):
         try:
-            module = __import__(name)
-            parts.append(f"{name} {module.__version__}")
+            out[name] = __import__(name).__version__
         except ImportError:
             pass
-    commit = os.environ.get("LORAKIT_GIT", "")  # set where the source was copied without its own .git
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return ", ".join(parts) + f", lorakit {__version__}" + (f" (git {commit})" if commit else "")
+    return {**out, "lorakit": __version__}
+
+
+def versions() -> str:
+    """`library_versions()` in one line, with lorakit's `revision()`."""
+    commit = revision()
+    return ", ".join(f"{k} {v}" for k, v in library_versions().items()) + (f" (git {commit})" if commit else "")
+
+
+def utc_now() -> str:
+    """The time now, UTC, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def run_facts() -> dict[str, str]:
     """When, where and with what a run is made, as its report states them."""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-            "versions": versions()}
+    return {"date": utc_now(), "machine": machine(), "versions": versions()}
 
 
 @dataclass
@@ -86,19 +117,13 @@ class Report:
 
     def figure(self, fig, name: str, caption: str) -> None:
         """Save a matplotlib figure as out/name.png and link it."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        tmp.replace(self.out / f"{name}.png")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+        atomic.write_file(self.out / f"{name}.png", png.getvalue())
         self.lines += [f"![{caption}]({name}.png)", ""]
 
     def write(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / "report.md"
-        tmp = self.out / ".report.md.tmp"
-        tmp.write_text("\n".join(self.lines).rstrip() + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return atomic.write_file(self.out / "report.md", "\n".join(self.lines).rstrip() + "\n")
 
 
 def command_line() -> str:

@@ -53,8 +53,8 @@ class DataError(ValueError):
 # Text classification
 
 
-def load_text_classification(path: str | Path | None, text_column: str = "text",
-                             label_column: str = "label") -> tuple[list[TextExample], list[str]]:
+def load_text_classification(path: str | Path | None, text_column: str = "text", label_column: str = "label",
+                             names: list[str] | None = None) -> tuple[list[TextExample], list[str]]:
     """Read labelled texts; return the examples and the label names (index = label id).
 
     path None gives the packaged Rotten Tomatoes reviews, labelled ["negative", "positive"]. Otherwise
@@ -62,12 +62,34 @@ def load_text_classification(path: str | Path | None, text_column: str = "text",
     one object per line), each optionally compressed as .gz or .bz2. Files are read as UTF-8.
 
     Labels may be strings or integers. The distinct values, sorted (numerically when all are integers),
-    become the ids 0..K-1, and their string forms the returned names. Rows whose text is empty or only
-    whitespace are dropped; if no row has text, that is an error.
+    become the ids 0..K-1, and their string forms the returned names; given `names` (a training file's), the
+    labels must be among them and take their ids. Rows whose text is empty or only whitespace are dropped;
+    if no row has text, that is an error.
     """
     if path is None:
         return hub.rotten_tomatoes(), list(hub.SENTIMENT_LABELS)
     path = Path(path)
+    rows = _labelled_rows(path, text_column, label_column)
+    texts = [text for _, text, _ in rows]
+    labels = [key for _, _, key in rows]
+    numeric = all(re.fullmatch(r"[+-]?\d+", k) for k in (names if names is not None else labels))
+    if numeric:
+        labels = [str(int(k)) if re.fullmatch(r"[+-]?\d+", k) else k for k in labels]
+    if names is None:
+        names = sorted(set(labels), key=int) if numeric else sorted(set(labels))
+        if len(names) < 2:
+            raise DataError(f"{path}: label column {label_column!r} has one class ({names[0]!r}); "
+                            f"classification needs at least 2")
+    index = {name: i for i, name in enumerate(names)}
+    unknown = next(((line, k) for (line, _, _), k in zip(rows, labels) if k not in index), None)
+    if unknown:
+        raise DataError(f"{path}: line {unknown[0]}: label {unknown[1]!r} is not one of the training labels "
+                        f"({', '.join(names[:10])})")
+    return [TextExample(t, index[k]) for t, k in zip(texts, labels)], list(names)
+
+
+def _labelled_rows(path: Path, text_column: str, label_column: str | None) -> list[tuple[int, str, str | None]]:
+    """(line, text, label key) of each row of a data file with text; label None when not asked for."""
     if not path.is_file():
         raise DataError(f"data file {path} is a folder" if path.is_dir() else f"data file not found: {path}")
     opener, kind = _text_format(path)
@@ -75,31 +97,32 @@ def load_text_classification(path: str | Path | None, text_column: str = "text",
     if not rows:
         raise DataError(f"{path}: no rows")
     for role, name in (("text", text_column), ("label", label_column)):
-        if name not in columns:
+        if name is not None and name not in columns:
             raise DataError(f"{path}: no {role} column {name!r}; columns present: {columns}")
-
-    texts, labels = [], []
+    out = []
     for line, row in rows:
         text = row.get(text_column)
         if text is None or (isinstance(text, str) and not text.strip()):
             continue
         if not isinstance(text, str):
             raise DataError(f"{path}: line {line}: text column {text_column!r} must hold a string, got {text!r}")
-        texts.append(text)
-        labels.append(_label_key(row.get(label_column), path, line, label_column))
-    if not texts:
+        key = None if label_column is None else _label_key(row.get(label_column), path, line, label_column)
+        out.append((line, text, key))
+    if not out:
         raise DataError(f"{path}: all {len(rows)} rows have empty text in column {text_column!r}")
+    return out
 
-    if all(re.fullmatch(r"[+-]?\d+", k) for k in labels):
-        labels = [str(int(k)) for k in labels]
-        names = sorted(set(labels), key=int)
-    else:
-        names = sorted(set(labels))
-    if len(names) < 2:
-        raise DataError(f"{path}: label column {label_column!r} has one class ({names[0]!r}); "
-                        f"classification needs at least 2")
-    index = {name: i for i, name in enumerate(names)}
-    return [TextExample(t, index[k]) for t, k in zip(texts, labels)], names
+
+def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
+    """The texts of a file to label: the text column of a CSV/TSV/JSONL file (as `load_text_classification`
+    reads them, no label needed), or else every non-empty line of a UTF-8 text file."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED_EXTENSIONS:
+        suffixes.pop()
+    if suffixes and suffixes[-1] in TEXT_EXTENSIONS:
+        return [text for _, text, _ in _labelled_rows(path, text_column, None)]
+    return [line for line in read_text(path, "file").splitlines() if line.strip()]
 
 
 def _text_format(path: Path) -> tuple[Callable[..., Any], str]:

@@ -131,11 +131,12 @@ def wrap(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:
     if dist.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        from ..files import base_digest
         from ..layers import LoraLayer
 
         for m in model.modules():
             if isinstance(m, LoraLayer):
-                m.base_digest()  # the adapter file's fingerprint hashes W0: take it while W0 is whole
+                base_digest(m)  # the adapter file's fingerprint hashes W0: take it while W0 is whole
         blocks = [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
         for block in blocks:
             fully_shard(block)

@@ -9,14 +9,11 @@ model.safetensors (full / head), curves.png, and checkpoint/ for --resume.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +22,18 @@ from torch import nn
 
 from .. import atomic, fast_dropout, inject, summary, tensorfile
 from ..inject import InjectReport
-from ..layers import LoraLayer
-from ..files import only_active, adapter_spec, write_adapter
+from ..files import adapter_spec, only_active, write_adapter
 from . import checkpoint, distributed
+from .loop import Hooks, RunState, fit, stop_on_signals
+from .runs import Interrupted, RunError, frozen_to_bf16, load_weights, run_config_data, stores_bf16
 from .config import ConfigError, RunConfig, build_config
-from .tasks import Prepared, default_targets, evaluate, prepare, resolve_device, task_head
+from .tasks import Prepared, default_targets, evaluate, prepare, resolve_device, resolved, trained_in_full
 
 RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "model.safetensors", "best.safetensors", "curves.png",
              checkpoint.NAME, checkpoint.NAME + ".old")
 # Settings that `--resume` may change: they do not change what was already trained, only how training goes on.
 RESUMABLE = ("train.lr", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every",
              "train.eval_batch_size")
-
-
-class RunError(RuntimeError):
-    """The run cannot start or had to stop; the message says why and what to do."""
-
-
-class Interrupted(RunError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
-
-
-def run_config_data(run: Path) -> dict[str, Any]:
-    """The JSON object of a run folder's config.json, or RunError saying what is wrong with it."""
-    path = run / "config.json"
-    if not run.is_dir():
-        raise RunError(f"{run} is not a run directory ({'a file' if run.exists() else 'no such folder'}); "
-                       f"give the --out folder of `lorakit train`")
-    if not path.is_file():
-        raise RunError(f"{run} is not a run directory (no config.json); give the --out folder of `lorakit train`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON ({e}); the run's config is damaged") from None
-    except OSError as e:
-        raise RunError(f"cannot read {path} ({e.strerror or e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k in ("model", "data", "lora", "train")):
-        raise RunError(f"{path} must hold a JSON object of sections (model, data, lora, train); it is damaged")
-    return data
 
 
 def run_config(run: Path, recipe: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -88,7 +59,7 @@ def resume_changes(run: Path, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """The settings in which `cfg` differs from the run's own config, as key → (run's value, new value); a
     RunError if one of them cannot change on resume."""
     saved = _flat(build_config(run_config_data(run)))
-    asked = _flat(cfg)
+    asked = _flat(resolved(cfg))
     changes = {k: (saved.get(k), v) for k, v in asked.items() if k != "out" and saved.get(k) != v}
     fixed = [k for k in changes if k not in RESUMABLE]
     if fixed:
@@ -133,19 +104,16 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
 
 
 def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) -> InjectReport:
-    """LoRA surgery as the config asks: its targets (or the architecture's) and the task head."""
+    """LoRA surgery as the config asks: its adapter settings on its targets (or the architecture's), and
+    the modules that train in full."""
     targets = cfg.lora.targets or default_targets(task.arch)
     if targets == ["all-linear"]:
         targets = "all-linear"
     try:
-        return inject(task.model, targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                      rslora=cfg.lora.rslora, bias=cfg.lora.bias, modules_to_save=head_of(cfg, task), dry_run=dry_run)
+        return inject(task.model, targets, cfg.lora.adapter, modules_to_save=trained_in_full(cfg, task.arch),
+                      dry_run=dry_run)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"lora: {e}") from None
-
-
-def head_of(cfg: RunConfig, task: Prepared) -> list[str]:
-    return cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, task.arch)
 
 
 def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
@@ -158,32 +126,13 @@ def apply_method(cfg: RunConfig, task: Prepared, print_fn=print) -> None:
     elif cfg.lora.method == "full":
         model.requires_grad_(True)
     else:
-        head = head_of(cfg, task)
+        head = trained_in_full(cfg, task.arch)
         if not head:
             raise ConfigError(f"lora.method = head needs lora.modules_to_save for architecture {task.arch!r}")
         model.requires_grad_(False)
         for name in head:
             model.get_submodule(name).requires_grad_(True)
-    summary(model, print_fn=lambda table: print_fn("\n".join(
-        line for line in table.splitlines()[1:] if line.endswith("trainable") or line.startswith("trainable params"))))
-
-
-def frozen_to_bf16(model: nn.Module) -> int:
-    """Store the frozen fp32 weights of a bf16-autocast run in bf16, in place; returns how many values.
-
-    Autocast casts every frozen Linear weight to bf16 again at each forward; stored in bf16 they are cast
-    once (LayerNorm and embedding weights, which autocast leaves in fp32, are rounded to bf16 too, as in
-    any bf16 base). The adapters and whatever trains stay fp32. Each LoRA layer's base fingerprint is
-    taken first, from the fp32 weights, so the saved adapter still names the base it was trained on."""
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            m.base_digest()
-    n = 0
-    for p in model.parameters():
-        if not p.requires_grad and p.dtype == torch.float32:
-            p.data = p.data.to(torch.bfloat16)
-            n += p.numel()
-    return n
+    print_fn(summary(model, print_fn=None).table(trainable_only=True))
 
 
 def schedule(cfg: RunConfig, total: int):
@@ -250,10 +199,10 @@ class _Metrics:
 
 
 def _show_examples(task: Prepared, model: nn.Module, when: str, print_fn, n: int = 5) -> None:
-    if task.tokenizer is None or not task.label_names or "test" not in task.texts:
+    if task.tokenizer is None or not task.label_names or task.held_out not in task.texts:
         return
-    texts = task.texts["test"][:n]
-    batch = task.splits["test"].collate(list(range(len(texts))))
+    texts = task.texts[task.held_out][:n]
+    batch = task.splits[task.held_out].collate(list(range(len(texts))))
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -278,6 +227,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, print_f
     Under torchrun (WORLD_SIZE > 1) this is one rank of a distributed run (see `distributed`): every
     rank trains its slice of each batch, rank 0 alone prints and writes, and all return the same metrics."""
     cfg, run, changes = prepare_run_dir(cfg, resume, overwrite)
+    cfg = resolved(cfg)  # train.bf16 = "auto" becomes what this machine does; config.json records that
     dist = distributed.setup(resolve_device(cfg.train.device), cfg.train.distributed)
     try:
         if not dist.main:
@@ -294,9 +244,8 @@ def _train(cfg: RunConfig, run: Path, resume: bool, overwrite: bool, changes: di
     model = task.model
     apply_method(cfg, task, print_fn)
     fast_dropout(model)  # the base's own dropout layers: the same masks' distribution, drawn faster on CPU
-    if cfg.train.bf16 and cfg.lora.method != "full" and cfg.model.quantize == "none" \
-            and not (dist.world > 1 and cfg.train.distributed == "fsdp"):
-        frozen_to_bf16(model)
+    if stores_bf16(cfg) and not (dist.world > 1 and cfg.train.distributed == "fsdp"):
+        frozen_to_bf16(model, [p for p in model.parameters() if p.requires_grad])
     if dist.rank:
         torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)  # rank k's own dropout masks
     if not any(p.requires_grad for p in model.parameters()):
@@ -304,68 +253,123 @@ def _train(cfg: RunConfig, run: Path, resume: bool, overwrite: bool, changes: di
     trained = distributed.wrap(model, dist, find_unused=cfg.lora.method != "lora")
     params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in sharded ones
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    train_split = task.splits["train"]
-    n_batches = len(train_split.batches(cfg.train.batch_size * dist.world, 0, True))
-    steps_per_epoch = math.ceil(n_batches / cfg.train.grad_accum)
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    n_batches = len(task.splits["train"].batches(cfg.train.batch_size * dist.world, 0, True))
+    total = cfg.train.max_steps or cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum)
     factor = schedule(cfg, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    key = task.metric
-    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     evaluate_split = lambda split: evaluate(task, model, split, cfg.train.eval_batch_size, dist)  # noqa: E731
 
     if resume:
-        metrics = _Metrics(run / "metrics.jsonl", write=dist.main)
-        progress, rngs = checkpoint.load(run, model, optimizer, scheduler)
-        if len(rngs) != dist.world:
-            how = f"with --nproc {len(rngs)}" if len(rngs) > 1 else "in one process (no --nproc, no torchrun)"
-            raise RunError(f"the run in {run} was trained on {len(rngs)} process{'es' if len(rngs) > 1 else ''}, "
-                           f"this is {dist.world}; resume it {how}, as the data of each step depends on it")
-        try:
-            torch.set_rng_state(rngs[dist.rank])
-        except RuntimeError:
-            raise checkpoint.CheckpointError(f"checkpoint in {run / checkpoint.NAME} holds a damaged RNG state") from None
-        dist.barrier()  # every rank has read metrics.jsonl before rank 0 cuts it
-        if dist.main:
-            atomic.tidy(run)  # what killed writes left beside the run folder and in it
-            atomic.clean_folder(run)
-            metrics.truncate(progress["metrics_lines"])
-        if changes:
-            _apply_resume_changes(cfg, changes, optimizer, scheduler, factor)
-            if dist.main:
-                atomic.write_file(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-                metrics.write(event="resume", step=progress["step"],
-                              changed={k: {"from": old, "to": new} for k, (old, new) in changes.items()})
-            print_fn("resuming with " + ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items()))
-        print_fn(f"resuming {run} at epoch {progress['epoch'] + 1}, step {progress['step']}")
+        metrics, state = _resume(cfg, run, changes, model, optimizer, scheduler, factor, dist, print_fn)
     else:
-        metrics, progress = _start(cfg, run, overwrite, task, model, optimizer, scheduler, evaluate_split, dist, print_fn)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):  # stop at the end of the step, like Ctrl-C
-        stop["signal"] = signum
-
-    # One rank alone must not leave mid-step: the others would wait for it forever. So in a
-    # distributed run Ctrl-C, too, only raises the flag, and the ranks agree to stop at a step's end.
-    signals = [signal.SIGTERM] + ([signal.SIGINT] if dist.world > 1 else [])
-    previous = {s: signal.signal(s, on_signal) for s in signals} if _main_thread() else {}
+        metrics, state = _start(cfg, run, overwrite, task, model, optimizer, scheduler, evaluate_split, dist, print_fn)
+    hooks = RunHooks(cfg, run, task, model, optimizer, scheduler, metrics, evaluate_split, dist, print_fn,
+                     sys.stderr.isatty() if progress_bar is None else progress_bar, state.step)
     model.train()
     try:
-        _loop(cfg, task, trained, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
-              better, key, evaluate_split, dist)
+        with stop_on_signals(dist) as stop:
+            fit(trained, task.forward, task.splits["train"], optimizer, scheduler, params, state, cfg.train, dist,
+                hooks, stop, hooks.show)
     except KeyboardInterrupt:
         nproc = f" --nproc {dist.world}" if dist.world > 1 else ""
-        raise Interrupted(f"interrupted at step {progress['step']}; checkpoint saved — continue with "
+        raise Interrupted(f"interrupted at step {state.step}; checkpoint saved — continue with "
                           f"`lorakit train --resume --out {run}{nproc}`") from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return _finish(cfg, run, task, model, metrics, progress, evaluate_split, dist, print_fn)
+    return _finish(cfg, run, task, model, metrics, state, evaluate_split, dist, print_fn)
+
+
+class RunHooks(Hooks):
+    """What `lorakit train` does around the loop's steps: a metrics record every log_every steps (and a
+    progress line when no bar shows); a checkpoint every checkpoint_every steps, at each epoch's end and on
+    a stop, written only while every weight is finite; each epoch, the validation score, and the weights
+    when it is the best so far. `saved_step`: the step of the checkpoint on disk."""
+
+    def __init__(self, cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, optimizer, scheduler,
+                 metrics: _Metrics, evaluate_split, dist: distributed.Dist, print_fn, show: bool, saved_step: int):
+        self.cfg, self.run, self.task, self.model, self.optimizer, self.scheduler = cfg, run, task, model, optimizer, scheduler
+        self.metrics, self.evaluate_split, self.dist, self.print_fn = metrics, evaluate_split, dist, print_fn
+        self.show, self.saved_step = show, saved_step
+
+    def after_step(self, state: RunState, epoch: int, loss: float, rate: float, rng: torch.Tensor, left: int) -> None:
+        if state.step % self.cfg.train.log_every == 0:
+            lr = self.scheduler.get_last_lr()[0]
+            self.metrics.write(event="train", epoch=epoch + 1, step=state.step, loss=loss, lr=lr, examples_per_s=rate)
+            if not self.show:
+                eta = left / max(rate, 1e-9)
+                self.print_fn(f"  epoch {epoch + 1} step {state.step:>5}  loss {loss:.4f}  lr {lr:.2e}  "
+                              f"{rate:,.0f} examples/s  epoch eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+        if state.step % self.cfg.train.checkpoint_every == 0:
+            self.checkpoint(state, rng)
+
+    def after_epoch(self, state: RunState, epoch: int, seconds: float) -> None:
+        key = self.task.metric
+        val = self.evaluate_split("val")
+        self.metrics.write(event="val", epoch=epoch + 1, step=state.step, **val)
+        better = (lambda a, b: a > b) if self.task.higher_is_better else (lambda a, b: a < b)
+        improved = math.isfinite(val[key]) and (state.best is None or better(val[key], state.best))
+        processes = f"{self.dist.world} process" + ("es" if self.dist.world > 1 else "")
+        self.print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else "")
+                      + f"  [{seconds // 60:.0f}m{seconds % 60:04.1f}s training on {processes}]")
+        if improved:
+            state.best = val[key]
+            weights = checkpoint.trainable_state(self.model)  # on every rank: under FSDP this gathers the shards
+            bad = checkpoint.first_non_finite(weights)
+            if bad is not None:
+                raise self.diverged(state, f"weight {bad} became non-finite by step {state.step}")
+            if self.dist.main:
+                atomic.write_file(self.run / "best.safetensors", tensorfile.dumps(weights))
+            self.dist.barrier()
+        self.checkpoint(state, torch.get_rng_state())
+
+    def checkpoint(self, state: RunState, rng: torch.Tensor) -> None:
+        state.metrics_lines = self.metrics.count
+        try:
+            checkpoint.save(self.run, self.model, self.optimizer, self.scheduler, state.to_dict(),
+                            self.dist.gather(rng), write=self.dist.main)
+        except checkpoint.NonFiniteWeights as e:
+            raise self.diverged(state, f"weight {e} became non-finite by step {state.step}") from None
+        self.saved_step = state.step
+        self.dist.barrier()
+
+    def diverged(self, state: RunState, message: str) -> RunError:
+        run, lower = self.run, f"{self.cfg.train.lr / 10:g}"
+        return RunError(f"{message} (epoch {state.epoch + 1}); stopped — the last checkpoint, all of whose weights "
+                        f"are finite, is from step {self.saved_step} in {run / checkpoint.NAME}; resume it with a "
+                        f"lower learning rate: lorakit train --resume --out {run} --train.lr {lower}")
+
+
+def _resume(cfg: RunConfig, run: Path, changes: dict, model: nn.Module, optimizer, scheduler, factor,
+            dist: distributed.Dist, print_fn) -> tuple[_Metrics, RunState]:
+    """Restore the run's checkpoint (every rank its own RNG), cut metrics.jsonl back to it, tidy what killed
+    writes left, and apply and record the settings that `changes` changes."""
+    metrics = _Metrics(run / "metrics.jsonl", write=dist.main)
+    progress, rngs = checkpoint.load(run, model, optimizer, scheduler)
+    if len(rngs) != dist.world:
+        how = f"with --nproc {len(rngs)}" if len(rngs) > 1 else "in one process (no --nproc, no torchrun)"
+        raise RunError(f"the run in {run} was trained on {len(rngs)} process{'es' if len(rngs) > 1 else ''}, "
+                       f"this is {dist.world}; resume it {how}, as the data of each step depends on it")
+    try:
+        state = RunState.from_dict(progress)
+        torch.set_rng_state(rngs[dist.rank])
+    except (ValueError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint in {run / checkpoint.NAME} is damaged ({e})") from None
+    dist.barrier()  # every rank has read metrics.jsonl before rank 0 cuts it
+    if dist.main:
+        atomic.tidy(run)  # what killed writes left beside the run folder and in it
+        atomic.clean_folder(run)
+        metrics.truncate(state.metrics_lines)
+    if changes:
+        _apply_resume_changes(cfg, optimizer, scheduler, factor)
+        if dist.main:
+            atomic.write_file(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            metrics.write(event="resume", step=state.step,
+                          changed={k: {"from": old, "to": new} for k, (old, new) in changes.items()})
+        print_fn("resuming with " + ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items()))
+    print_fn(f"resuming {run} at epoch {state.epoch + 1}, step {state.step}")
+    return metrics, state
 
 
 def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn.Module, optimizer, scheduler,
-           evaluate_split, dist: distributed.Dist, print_fn) -> tuple[_Metrics, dict[str, Any]]:
+           evaluate_split, dist: distributed.Dist, print_fn) -> tuple[_Metrics, RunState]:
     """Begin a new run in a temporary folder beside `run` (rank 0 writes): the config, the test score
     before training and a first checkpoint; then put it at `run`, replacing an earlier run there (its other
     files are kept). A failure or a kill before that leaves `run` as it was."""
@@ -374,13 +378,12 @@ def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn
         if dist.main:
             (home / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         metrics = _Metrics(home / "metrics.jsonl", write=dist.main)
-        before = evaluate_split("test")
+        before = evaluate_split(task.held_out)
         metrics.write(event="test_before", **before)
-        print_fn(f"test {task.metric} before training: {before[task.metric]:.4f}")
+        print_fn(f"{task.held_out} {task.metric} before training: {before[task.metric]:.4f}")
         _show_examples(task, model, "before training", print_fn)
-        progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "test_before": before,
-                    "metrics_lines": metrics.count}
-        checkpoint.save(home, model, optimizer, scheduler, progress, dist.gather(torch.get_rng_state()),
+        state = RunState(test_before=before, metrics_lines=metrics.count)
+        checkpoint.save(home, model, optimizer, scheduler, state.to_dict(), dist.gather(torch.get_rng_state()),
                         write=dist.main)
 
         def free(target: Path) -> None:
@@ -395,10 +398,10 @@ def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn
         raise
     dist.barrier()
     metrics.path = run / "metrics.jsonl"
-    return metrics, progress
+    return metrics, state
 
 
-def _apply_resume_changes(cfg: RunConfig, changes: dict, optimizer, scheduler, factor) -> None:
+def _apply_resume_changes(cfg: RunConfig, optimizer, scheduler, factor) -> None:
     """Give the restored optimizer and schedule the new learning rate and step budget: the rate at the
     current step is the new base rate times the (new) schedule's factor there."""
     scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
@@ -408,7 +411,7 @@ def _apply_resume_changes(cfg: RunConfig, changes: dict, optimizer, scheduler, f
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics: _Metrics, progress: dict,
+def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics: _Metrics, state: RunState,
             evaluate_split, dist: distributed.Dist, print_fn) -> dict[str, Any]:
     """The best weights, the test score after training, the adapter (or weights) and the plot; the run is
     complete once its last record, the test score, is written — a kill before that leaves it resumable."""
@@ -419,8 +422,8 @@ def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics
         raise RunError(f"{run} is not on storage every rank sees ({seen_by:.0f} of {dist.world} find "
                        f"{best_path.name}); give --out a folder on a shared filesystem")
     if best_path.exists():
-        _load_weights(model, best_path, trainable_only=True)
-    after = evaluate_split("test")
+        load_weights(model, best_path, trainable_only=True)
+    after = evaluate_split(task.held_out)
     _show_examples(task, model, "after training", print_fn)
     if cfg.lora.method == "lora":
         name = only_active(model)
@@ -435,150 +438,12 @@ def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics
         plot(metrics.read() + [{"event": "test_after", **after}], run / "curves.png", key)
     metrics.write(event="test_after", **after)
     dist.barrier()
-    before = progress["test_before"]
-    print_fn(f"test {key}: {before[key] if before[key] is None else f'{before[key]:.4f}'} before → "
+    before = state.test_before
+    print_fn(f"{task.held_out} {key}: {before[key] if before[key] is None else f'{before[key]:.4f}'} before → "
              f"{after[key]:.4f} after")
     print_fn(f"run directory: {run} (config.json, metrics.jsonl, "
              f"{'adapter/' if cfg.lora.method == 'lora' else 'model.safetensors'}, curves.png)")
-    return {"before": before, "after": after, "best_val": progress["best"], "steps": progress["step"], "run": str(run)}
-
-
-def _load_weights(model: nn.Module, path: Path, trainable_only: bool) -> None:
-    """Copy the tensors of a weights file lorakit wrote into the model's parameters of those names, after
-    checking the file (its checksum, when it has one) and that every tensor fits; RunError otherwise."""
-    try:
-        tensors = tensorfile.read(path)[0]
-    except tensorfile.TensorFileError as e:
-        raise RunError(str(e)) from None
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
-    for n, t in tensors.items():
-        if n not in named:
-            raise RunError(f"{path} holds {n!r}, which is not a {'trainable ' if trainable_only else ''}parameter "
-                           f"of the run's model; the file is from another run")
-        if tuple(t.shape) != tuple(named[n].shape):
-            raise RunError(f"{path}: {n} has shape {tuple(t.shape)}, the model's is {tuple(named[n].shape)}")
-    if not tensors:
-        raise RunError(f"{path} holds no tensors")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            named[n].copy_(distributed.shard_like(t, named[n]))
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _loop(cfg, task, model, optimizer, scheduler, params, progress, metrics, run, stop, print_fn, progress_bar,
-          better, key, evaluate_split, dist) -> None:
-    """Epochs of steps; `model` is what the training forward runs through (DDP wrapper or FSDP model).
-    A step takes grad_accum global batches; each rank trains on its slice (`Dist.shard`)."""
-    from tqdm.auto import tqdm
-
-    split = task.splits["train"]
-    accum = cfg.train.grad_accum
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    raw = model.module if ddp else model
-
-    saved_step = progress["step"]  # of the checkpoint on disk, whose weights are finite
-
-    def save(rng: torch.Tensor) -> None:
-        nonlocal saved_step
-        progress["metrics_lines"] = metrics.count
-        try:
-            checkpoint.save(run, raw, optimizer, scheduler, progress, dist.gather(rng), write=dist.main)
-        except checkpoint.NonFiniteWeights as e:
-            raise diverged(f"weight {e} became non-finite by step {progress['step']}") from None
-        saved_step = progress["step"]
-        dist.barrier()
-
-    def diverged(what: str) -> RunError:
-        lower = f"{cfg.train.lr / 10:g}"
-        return RunError(f"{what} (epoch {progress['epoch'] + 1}); stopped — the last checkpoint, all of whose weights "
-                        f"are finite, is from step {saved_step} in {run / checkpoint.NAME}; resume it with a lower "
-                        f"learning rate: lorakit train --resume --out {run} --train.lr {lower}")
-
-    show = sys.stderr.isatty() if progress_bar is None else progress_bar
-    rng_at_boundary = torch.get_rng_state()
-    for epoch in range(progress["epoch"], cfg.train.epochs):
-        if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
-            break
-        batches = split.batches(cfg.train.batch_size * dist.world, epoch, True)
-        bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not show, unit="batch", dynamic_ncols=True)
-        start, seen = time.perf_counter(), 0
-        b = progress["batch"]
-        while b < len(batches):
-            group = batches[b:b + accum]
-            try:
-                loss_sum = 0.0
-                for i, index in enumerate(group):
-                    mine, weight = dist.shard(index)
-                    batch = split.collate(mine)
-                    # DDP averages gradients at the group's last backward only.
-                    last = i == len(group) - 1
-                    with model.no_sync() if ddp and not last else contextlib.nullcontext():
-                        loss, _ = task.forward(model, batch)
-                        (loss * (weight / len(group))).backward()
-                    loss_sum += loss.item() * weight / len(group) if weight else 0.0
-                    seen += len(index)
-                loss_sum, stopping = dist.sum([loss_sum / dist.world, float(stop["signal"] is not None)])
-                if not math.isfinite(loss_sum):
-                    raise diverged(f"loss became {loss_sum} at step {progress['step'] + 1}")
-                if cfg.train.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            except KeyboardInterrupt:
-                optimizer.zero_grad(set_to_none=True)
-                save(rng_at_boundary)
-                bar.close()
-                raise
-            b += len(group)
-            progress.update(batch=b, step=progress["step"] + 1)
-            rng_at_boundary = torch.get_rng_state()
-            rate = seen / (time.perf_counter() - start)
-            bar.update(len(group))
-            bar.set_postfix(loss=f"{loss_sum:.4f}", ex_s=f"{rate:.0f}")
-            if progress["step"] % cfg.train.log_every == 0:
-                lr = scheduler.get_last_lr()[0]
-                metrics.write(event="train", epoch=epoch + 1, step=progress["step"], loss=loss_sum, lr=lr,
-                              examples_per_s=rate)
-                if not show:
-                    eta = (len(batches) - b) * cfg.train.batch_size * dist.world / max(rate, 1e-9)
-                    print_fn(f"  epoch {epoch + 1} step {progress['step']:>5}  loss {loss_sum:.4f}  "
-                             f"lr {lr:.2e}  {rate:,.0f} examples/s  epoch eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-            if progress["step"] % cfg.train.checkpoint_every == 0:
-                save(rng_at_boundary)
-            if stopping:
-                save(rng_at_boundary)
-                bar.close()
-                raise KeyboardInterrupt
-            if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
-                break
-        bar.close()
-        took = time.perf_counter() - start
-        val = evaluate_split("val")
-        metrics.write(event="val", epoch=epoch + 1, step=progress["step"], **val)
-        improved = math.isfinite(val[key]) and (progress["best"] is None or better(val[key], progress["best"]))
-        print_fn(f"epoch {epoch + 1}: validation {key} {val[key]:.4f}" + ("  (best so far)" if improved else "")
-                 + f"  [{took // 60:.0f}m{took % 60:04.1f}s training on {dist.world} process"
-                 + ("es]" if dist.world > 1 else "]"))
-        if improved:
-            progress["best"] = val[key]
-            weights = checkpoint.trainable_state(raw)  # on every rank: under FSDP this gathers the shards
-            bad = checkpoint.first_non_finite(weights)
-            if bad is not None:
-                raise diverged(f"weight {bad} became non-finite by step {progress['step']}")
-            if dist.main:
-                atomic.write_file(run / "best.safetensors", tensorfile.dumps(weights))
-            dist.barrier()
-        progress.update(epoch=epoch + 1, batch=0)
-        save(torch.get_rng_state())
-        if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
-            break
+    return {"before": before, "after": after, "best_val": state.best, "steps": state.step, "run": str(run)}
 
 
 def plot(records: list[dict], path: Path, key: str) -> None:
@@ -607,28 +472,23 @@ def plot(records: list[dict], path: Path, key: str) -> None:
     atomic.write_file(path, png.getvalue())
 
 
-def load_run(run: str | Path, with_adapter: bool = True, quantize: str | None = None) -> tuple[RunConfig, Prepared]:
-    """A finished run's config, task data and model, with the run's adapter (or weights) applied.
+def inspect(cfg: RunConfig) -> str:
+    """The model's module tree marking what `cfg` would adapt (◆) and train in full (●), then the surgery
+    report; nothing is changed."""
+    from ..layers import kind_of
 
-    quantize: base precision to load instead of the run's own model.quantize ("none" or "nf4")."""
-    from ..files import load_adapter
-
-    path = Path(run)
-    data = run_config_data(path)
-    if quantize is not None:
-        data.setdefault("model", {})["quantize"] = quantize
-    try:
-        cfg = build_config(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path / 'config.json'}: {e}") from None
     task = prepare(cfg)
-    if with_adapter:
-        if (path / "adapter").is_dir():
-            load_adapter(task.model, path / "adapter")
-        elif (path / "model.safetensors").is_file():
-            _load_weights(task.model, path / "model.safetensors", trainable_only=False)
-        else:
-            raise RunError(f"{path} has no adapter/ or model.safetensors: the run has not finished; "
-                           f"`lorakit train --resume --out {path}` completes it")
-    task.model.eval()
-    return cfg, task
+    model, head = task.model, trained_in_full(cfg, task.arch)
+    report = inject_from_config(cfg, task, dry_run=True)
+    chosen = {r.name: r for r in report.replaced}
+    lines = [f"{type(model).__name__} — ◆ LoRA target, ● trains in full (modules_to_save)"]
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        mark = "◆" if name in chosen else "●" if name in head else " "
+        shape = f" {tuple(module.weight.shape)}" if kind_of(module) else ""
+        extra = f"  + {chosen[name].params:,} LoRA params" if name in chosen else ""
+        lines.append(f"{mark} {'  ' * name.count('.')}{name.rsplit('.', 1)[-1]} ({type(module).__name__}){shape}"
+                     f"{f'  {own:,} params' if own else ''}{extra}")
+    return "\n".join(lines + ["", str(report)])

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from .. import hub, tensorfile
 from ..models import ConvNet
-from ..quant import QuantReport, quantize_base
+from ..qlora import QuantReport, quantize_base
+from ..targets import matches_suffix
 from . import data as D
 from .config import ConfigError, RunConfig
 from .distributed import Dist
@@ -80,9 +82,17 @@ class Prepared:
     def higher_is_better(self) -> bool:
         return self.metric == "accuracy"
 
+    @property
+    def held_out(self) -> str:
+        """The split scored before and after training: test, or val when the run has no test set."""
+        return "test" if "test" in self.splits else "val"
 
-def task_head(cfg: RunConfig, arch: str) -> list[str]:
-    """The freshly initialised head a classification task adds, which must train in full."""
+
+def trained_in_full(cfg: RunConfig, arch: str) -> list[str]:
+    """The modules that train in full beside the adapters: lora.modules_to_save, or by default the freshly
+    initialised head a classification task adds."""
+    if cfg.lora.modules_to_save is not None:
+        return list(cfg.lora.modules_to_save)
     return HEADS.get(arch, []) if cfg.task == "classify" else []
 
 
@@ -170,9 +180,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX
+    (read from /proc/cpuinfo; elsewhere, no)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolved(cfg: RunConfig) -> RunConfig:
+    """`cfg` with train.bf16 = "auto" replaced by what this machine's device does natively."""
+    if cfg.train.bf16 != "auto":
+        return cfg
+    bf16 = native_bf16(resolve_device(cfg.train.device))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=bf16))
+
+
 def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
     """Build the model (on `train.device`) and the train/val/test splits for `cfg.task`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = resolved(cfg)
     device = resolve_device(cfg.train.device)
     build = {"classify": _classify, "causal-lm": _causal}.get(cfg.task)
     task = build(cfg, with_model) if build else _image(cfg)
@@ -189,7 +222,7 @@ def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
 def eager_attention_for_dropout(model: nn.Module) -> bool:
     """On CPU, a Hugging Face model whose attention has dropout trains faster with the eager attention
     (softmax, then the model's own dropout module, which `lorakit.fast_dropout` speeds up) than with SDPA,
-    whose CPU kernel draws the dropout mask slowly: MiniLM's bf16 step, 266 → 228 ms. Switches the model
+    whose CPU kernel draws the dropout mask slowly (benchmarks/results.md has the measurement). Switches the model
     to eager attention if so; True if it did."""
     config = getattr(model, "config", None)
     p = max((getattr(config, k, 0.0) or 0.0 for k in ("attention_probs_dropout_prob", "attention_dropout")),
@@ -204,8 +237,8 @@ def eager_attention_for_dropout(model: nn.Module) -> bool:
 def quantize_frozen(cfg: RunConfig, task: Prepared) -> QuantReport:
     """QLoRA's base: every Linear except the output head and the modules that train in full, in NF4,
     computing in bf16 when the run autocasts to it."""
-    saved = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else task_head(cfg, task.arch)
-    exclude = [n for n, _ in task.model.named_modules() if any(n == s or n.endswith("." + s) for s in saved)]
+    saved = trained_in_full(cfg, task.arch)
+    exclude = [n for n, _ in task.model.named_modules() if any(matches_suffix(n, s) for s in saved)]
     try:
         return quantize_base(task.model, "all-linear", exclude=exclude, double_quant=cfg.model.double_quant,
                              compute_dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32)
@@ -219,14 +252,7 @@ def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    examples, names = D.load_text_classification(cfg.data.path, cfg.data.text_column, cfg.data.label_column)
-    train, val, test = D.split_by_hash(examples, key=lambda e: e.text)
-    if cfg.data.max_train:
-        train = train[:cfg.data.max_train]
-    for split_name, items in (("train", train), ("validation", val), ("test", test)):
-        if not items:
-            raise D.DataError(f"the {split_name} split is empty ({len(examples)} examples in all); "
-                              f"give more data")
+    sets, names = _text_sets(cfg)
     path = _hf_dir(cfg.model.path, hub.minilm_dir)
     config = _load("config", path, lambda: AutoConfig.from_pretrained(path))
     _check_positions(config, cfg.model.max_length, "model.max_length", path)
@@ -237,34 +263,56 @@ def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
                           f"head, or data with its labels")
     tokenizer = _tokenizer(path)
     model = None
-    arch = config.model_type
     if with_model:
         torch.manual_seed(cfg.train.seed)
         model = _load("weights", path, lambda: AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(names), use_safetensors=True))
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
+    splits = {name: text_split(cfg, tokenizer, items) for name, items in sets.items()}
+    texts = {name: [e.text for e in items] for name, items in sets.items()}
+    return Prepared(model, splits, config.model_type, "accuracy", tokenizer, names, texts)
+
+
+def _text_sets(cfg: RunConfig) -> tuple[dict[str, list[D.TextExample]], list[str]]:
+    """The train / val (/ test) examples and the label names. data.path alone is split 80/10/10 by hash; with
+    data.val_path and data.test_path, data.path is all training data and those files the other two; with one
+    of them, data.path gives the other by hash (val_path alone: no test set)."""
+    d = cfg.data
+    examples, names = D.load_text_classification(d.path, d.text_column, d.label_column)
+    own = lambda path: D.load_text_classification(path, d.text_column, d.label_column, names)[0]  # noqa: E731
+    if d.val_path or d.test_path:
+        train, val = (examples, own(d.val_path)) if d.val_path else \
+            D.split_by_hash(examples, key=lambda e: e.text, fractions=(0.9, 0.1, 0.0))[:2]
+        sets = {"train": train, "val": val} | ({"test": own(d.test_path)} if d.test_path else {})
+    else:
+        sets = dict(zip(("train", "val", "test"), D.split_by_hash(examples, key=lambda e: e.text)))
+    if d.max_train:
+        sets["train"] = sets["train"][:d.max_train]
+    for name, items in sets.items():
+        if not items:
+            raise D.DataError(f"the {name} split is empty ({len(examples)} examples in data.path); give more data")
+    return sets, names
+
+
+def text_split(cfg: RunConfig, tokenizer: Any, items: list[D.TextExample]) -> Split:
+    """Labelled texts as a split: tokenized once (model.max_length), batched by similar length (or shuffled
+    when train.group_by_length is off), padded per batch."""
+    ids = D.tokenize_texts(tokenizer, [e.text for e in items], cfg.model.max_length)
+    labels = torch.tensor([e.label for e in items])
+    lengths = [len(x) for x in ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def split(items: list[D.TextExample]) -> Split:
-        ids = D.tokenize_texts(tokenizer, [e.text for e in items], cfg.model.max_length)
-        labels = torch.tensor([e.label for e in items])
-        lengths = [len(x) for x in ids]
+    def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
+        if shuffle and not cfg.train.group_by_length:
+            return D.shuffled_batches(len(ids), batch_size, cfg.train.seed, epoch)
+        return D.length_grouped_batches(lengths, batch_size, cfg.train.seed, epoch, shuffle=shuffle)
 
-        def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
-            if shuffle and not cfg.train.group_by_length:
-                return D.shuffled_batches(len(ids), batch_size, cfg.train.seed, epoch)
-            return D.length_grouped_batches(lengths, batch_size, cfg.train.seed, epoch, shuffle=shuffle)
+    def collate(index: list[int]) -> Batch:
+        input_ids, mask = D.pad_batch([ids[i] for i in index], pad)
+        return Batch({"input_ids": input_ids, "attention_mask": mask}, labels[index], len(index))
 
-        def collate(index: list[int]) -> Batch:
-            input_ids, mask = D.pad_batch([ids[i] for i in index], pad)
-            return Batch({"input_ids": input_ids, "attention_mask": mask}, labels[index], len(index))
-
-        return Split(len(items), batches, collate)
-
-    texts = {"train": [e.text for e in train], "val": [e.text for e in val], "test": [e.text for e in test]}
-    return Prepared(model, {"train": split(train), "val": split(val), "test": split(test)}, arch, "accuracy",
-                    tokenizer, names, texts)
+    return Split(len(items), batches, collate)
 
 
 def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
@@ -277,35 +325,52 @@ def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
     config = _load("config", path, lambda: AutoConfig.from_pretrained(path))
     _check_positions(config, cfg.data.block_size, "data.block_size", path)
     tokenizer = _tokenizer(path)
-    text_path = cfg.data.path or hub.hamlet_path()
-    text = D.load_text_file(text_path)
-    try:
-        train, val, test = D.split_blocks(D.causal_blocks(tokenizer(text)["input_ids"], cfg.data.block_size))
-    except D.DataError as e:
-        raise D.DataError(f"{text_path}: {e}") from None
-    if cfg.data.max_train:
-        train = train[:cfg.data.max_train]
+    d = cfg.data
+    blocks = text_blocks(tokenizer, d.path or hub.hamlet_path(), d.block_size)
+    if d.val_path or d.test_path:
+        train, val = (blocks, text_blocks(tokenizer, d.val_path, d.block_size)) if d.val_path else \
+            D.split_blocks(blocks, (0.95, 0.05, 0.0))[:2]
+        sets = {"train": train, "val": val} | ({"test": text_blocks(tokenizer, d.test_path, d.block_size)}
+                                               if d.test_path else {})
+    else:
+        try:
+            sets = dict(zip(("train", "val", "test"), D.split_blocks(blocks)))
+        except D.DataError as e:
+            raise D.DataError(f"{d.path or hub.hamlet_path()}: {e}") from None
+    if d.max_train:
+        sets["train"] = sets["train"][:d.max_train]
     model = None
     if with_model:
         torch.manual_seed(cfg.train.seed)
         model = _load("weights", path, lambda: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
-
-    def split(x: Tensor) -> Split:
-        def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
-            return D.shuffled_batches(len(x), batch_size, cfg.train.seed, epoch, shuffle)
-
-        def collate(index: list[int]) -> Batch:
-            ids = x[index]
-            return Batch({"input_ids": ids}, ids, len(index))
-
-        return Split(len(x), batches, collate)
-
-    arch = config.model_type
-    return Prepared(model, {"train": split(train), "val": split(val), "test": split(test)}, arch, "perplexity",
+    return Prepared(model, {name: block_split(cfg, x) for name, x in sets.items()}, config.model_type, "perplexity",
                     tokenizer)
 
 
+def text_blocks(tokenizer: Any, path: str | Path, block_size: int) -> Tensor:
+    """A UTF-8 text file tokenized and cut into (N, block_size) blocks; DataError naming the file."""
+    try:
+        return D.causal_blocks(tokenizer(D.load_text_file(path))["input_ids"], block_size)
+    except D.DataError as e:
+        raise e if str(path) in str(e) else D.DataError(f"{path}: {e}") from None
+
+
+def block_split(cfg: RunConfig, x: Tensor) -> Split:
+    """(N, block_size) token blocks as a split; each block is its own label sequence."""
+    def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:
+        return D.shuffled_batches(len(x), batch_size, cfg.train.seed, epoch, shuffle)
+
+    def collate(index: list[int]) -> Batch:
+        ids = x[index]
+        return Batch({"input_ids": ids}, ids, len(index))
+
+    return Split(len(x), batches, collate)
+
+
 def _image(cfg: RunConfig) -> Prepared:
+    if cfg.data.val_path or cfg.data.test_path:
+        raise ConfigError("data.val_path and data.test_path are for text data (classify, causal-lm); the image task "
+                          "holds out the last tenth of the training images and tests on the test set")
     if cfg.data.dataset == "cifar10" and not cfg.data.path:
         raise ConfigError("data.dataset = cifar10 needs data.path: the folder holding data_batch_1..5 and test_batch")
     images = (D.load_fashion_mnist(cfg.data.path or D.FASHION_MNIST_DIR) if cfg.data.dataset == "fashion-mnist"
