@@ -159,7 +159,7 @@ def phases(ops: list, run: Path) -> dict[str, list[int]]:
 
 def finish(run: Path, again: list[str]) -> dict:
     """What a user does after a kill: resume a run that is there and unfinished, or start again where none is."""
-    from lorakit.train.recipe import finished
+    from lorakit.train.runs import finished
 
     if not run.exists():
         return {"state": "absent", "code": killpoints.run(cli(again))}
@@ -197,7 +197,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 def overwrite(work: Path) -> dict:
     """Kill `lorakit train --overwrite` of a new run (r=2) over a finished one (r=4) at random points of its
     start (up to the move into place) and after; then resume the new run, or write again over the old."""
-    from lorakit.train.recipe import finished
+    from lorakit.train.runs import finished
 
     data, model = write_inputs(work)
     old = work / "old" / "run"

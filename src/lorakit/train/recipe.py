@@ -14,6 +14,8 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from ..inject import InjectReport
 from ..files import adapter_spec, only_active, write_adapter
 from . import checkpoint, distributed
 from .loop import Hooks, RunState, fit, stop_on_signals
-from .runs import Interrupted, RunError, frozen_to_bf16, load_weights, run_config_data, stores_bf16
+from .runs import Interrupted, Metrics, RunError, finished, frozen_to_bf16, load_weights, run_config_data, stores_bf16
 from .config import ConfigError, RunConfig, build_config
 from .tasks import Prepared, default_targets, evaluate, prepare, resolve_device, resolved, trained_in_full
 
@@ -67,13 +69,6 @@ def resume_changes(run: Path, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
         raise RunError(f"--resume cannot change {listed}: the run in {run} was trained with the first; only "
                        f"{', '.join(RESUMABLE)} can change on resume (or start a new run)")
     return changes
-
-
-def finished(run: Path) -> bool:
-    """Whether a run completed: its last record is the final test and its adapter (or weights) is there."""
-    records = _Metrics(run / "metrics.jsonl", write=False).read()
-    done = any(r.get("event") == "test_after" for r in records)
-    return done and ((run / "adapter").is_dir() or (run / "model.safetensors").is_file())
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, dict]:
@@ -149,53 +144,6 @@ def schedule(cfg: RunConfig, total: int):
         return max(0.0, 1 - progress) if cfg.train.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-class _Metrics:
-    """metrics.jsonl: one JSON record a line, strict JSON (a non-finite number is written as null); `count` is
-    how many records the file holds. write False: a rank other than 0, which reads but never writes."""
-
-    def __init__(self, path: Path, write: bool = True) -> None:
-        self.path, self.writes = path, write
-        self.count = len(self.read()) if write else 0
-
-    def write(self, **record: Any) -> None:
-        if not self.writes:
-            return
-        atomic.append_line(self.path, json.dumps(checkpoint.strict(record), allow_nan=False))
-        self.count += 1
-
-    def read(self) -> list[dict]:
-        """The records; a last line that a kill cut short is not one. RunError if the file is damaged."""
-        if not self.path.exists():
-            return []
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        except (UnicodeDecodeError, OSError) as e:
-            raise RunError(f"cannot read {self.path} ({e}); the run's metrics are damaged") from None
-        records = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1 and not line.endswith("\n"):
-                    break  # torn by a kill while it was written
-                raise RunError(f"{self.path}: line {i + 1} is not JSON; the run's metrics are damaged") from None
-            if not isinstance(record, dict):
-                raise RunError(f"{self.path}: line {i + 1} is not a JSON object; the run's metrics are damaged")
-            records.append(record)
-        return records
-
-    def truncate(self, n: int) -> None:
-        """Keep the first n records: what was logged after the checkpoint is logged again on resume."""
-        records = self.read()
-        if n > len(records):
-            raise RunError(f"{self.path} holds {len(records)} records but the checkpoint counts {n}; the run's "
-                           f"metrics are damaged")
-        atomic.write_file(self.path, "".join(json.dumps(checkpoint.strict(r), allow_nan=False) + "\n" for r in records[:n]))
-        self.count = n
 
 
 def _show_examples(task: Prepared, model: nn.Module, when: str, print_fn, n: int = 5) -> None:
@@ -277,17 +225,25 @@ def _train(cfg: RunConfig, run: Path, resume: bool, overwrite: bool, changes: di
     return _finish(cfg, run, task, model, metrics, state, evaluate_split, dist, print_fn)
 
 
+@dataclass
 class RunHooks(Hooks):
     """What `lorakit train` does around the loop's steps: a metrics record every log_every steps (and a
     progress line when no bar shows); a checkpoint every checkpoint_every steps, at each epoch's end and on
     a stop, written only while every weight is finite; each epoch, the validation score, and the weights
     when it is the best so far. `saved_step`: the step of the checkpoint on disk."""
 
-    def __init__(self, cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, optimizer, scheduler,
-                 metrics: _Metrics, evaluate_split, dist: distributed.Dist, print_fn, show: bool, saved_step: int):
-        self.cfg, self.run, self.task, self.model, self.optimizer, self.scheduler = cfg, run, task, model, optimizer, scheduler
-        self.metrics, self.evaluate_split, self.dist, self.print_fn = metrics, evaluate_split, dist, print_fn
-        self.show, self.saved_step = show, saved_step
+    cfg: RunConfig
+    run: Path
+    task: Prepared
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    metrics: Metrics
+    evaluate_split: Callable[[str], dict[str, float]]
+    dist: distributed.Dist
+    print_fn: Callable[..., None]
+    show: bool
+    saved_step: int
 
     def after_step(self, state: RunState, epoch: int, loss: float, rate: float, rng: torch.Tensor, left: int) -> None:
         if state.step % self.cfg.train.log_every == 0:
@@ -338,10 +294,10 @@ class RunHooks(Hooks):
 
 
 def _resume(cfg: RunConfig, run: Path, changes: dict, model: nn.Module, optimizer, scheduler, factor,
-            dist: distributed.Dist, print_fn) -> tuple[_Metrics, RunState]:
+            dist: distributed.Dist, print_fn) -> tuple[Metrics, RunState]:
     """Restore the run's checkpoint (every rank its own RNG), cut metrics.jsonl back to it, tidy what killed
     writes left, and apply and record the settings that `changes` changes."""
-    metrics = _Metrics(run / "metrics.jsonl", write=dist.main)
+    metrics = Metrics(run / "metrics.jsonl", write=dist.main)
     progress, rngs = checkpoint.load(run, model, optimizer, scheduler)
     if len(rngs) != dist.world:
         how = f"with --nproc {len(rngs)}" if len(rngs) > 1 else "in one process (no --nproc, no torchrun)"
@@ -369,7 +325,7 @@ def _resume(cfg: RunConfig, run: Path, changes: dict, model: nn.Module, optimize
 
 
 def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn.Module, optimizer, scheduler,
-           evaluate_split, dist: distributed.Dist, print_fn) -> tuple[_Metrics, RunState]:
+           evaluate_split, dist: distributed.Dist, print_fn) -> tuple[Metrics, RunState]:
     """Begin a new run in a temporary folder beside `run` (rank 0 writes): the config, the test score
     before training and a first checkpoint; then put it at `run`, replacing an earlier run there (its other
     files are kept). A failure or a kill before that leaves `run` as it was."""
@@ -377,7 +333,7 @@ def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn
     try:
         if dist.main:
             (home / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        metrics = _Metrics(home / "metrics.jsonl", write=dist.main)
+        metrics = Metrics(home / "metrics.jsonl", write=dist.main)
         before = evaluate_split(task.held_out)
         metrics.write(event="test_before", **before)
         print_fn(f"{task.held_out} {task.metric} before training: {before[task.metric]:.4f}")
@@ -388,7 +344,8 @@ def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn
 
         def free(target: Path) -> None:
             if not overwrite and any((target / f).exists() for f in RUN_FILES):
-                raise RunError(f"{target} already holds a run; pass --overwrite to replace it or --resume to continue it")
+                raise RunError(f"{target} already holds a run; pass --overwrite to replace it or --resume to "
+                               f"continue it")
 
         if dist.main:
             atomic.publish(home, run, check=free, replaced=lambda entry: entry in RUN_FILES)
@@ -411,7 +368,7 @@ def _apply_resume_changes(cfg: RunConfig, optimizer, scheduler, factor) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics: _Metrics, state: RunState,
+def _finish(cfg: RunConfig, run: Path, task: Prepared, model: nn.Module, metrics: Metrics, state: RunState,
             evaluate_split, dist: distributed.Dist, print_fn) -> dict[str, Any]:
     """The best weights, the test score after training, the adapter (or weights) and the plot; the run is
     complete once its last record, the test score, is written — a kill before that leaves it resumable."""

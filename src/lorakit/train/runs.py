@@ -22,6 +22,7 @@ from ..adapters import holders
 from ..files import BaseMismatch, base_digest, load_adapter
 from ..layers import LoraLayer
 from . import data as D
+from .checkpoint import strict
 from .config import ConfigError, RunConfig, build_config
 from .distributed import shard_like
 from .tasks import Prepared, block_split, evaluate, prepare, text_blocks, text_split
@@ -49,7 +50,8 @@ def run_config_data(run: Path) -> dict[str, Any]:
         raise RunError(f"{path} is not valid JSON ({e}); the run's config is damaged") from None
     except OSError as e:
         raise RunError(f"cannot read {path} ({e.strerror or e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k in ("model", "data", "lora", "train")):
+    sections = ("model", "data", "lora", "train")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k in sections):
         raise RunError(f"{path} must hold a JSON object of sections (model, data, lora, train); it is damaged")
     return data
 
@@ -75,6 +77,60 @@ def load_weights(model: nn.Module, path: Path, trainable_only: bool) -> list[nn.
         for n, t in tensors.items():
             named[n].copy_(shard_like(t, named[n]))
     return [named[n] for n in tensors]
+
+
+class Metrics:
+    """metrics.jsonl: one JSON record a line, strict JSON (a non-finite number is written as null); `count` is
+    how many records the file holds. write False: a rank other than 0, which reads but never writes."""
+
+    def __init__(self, path: Path, write: bool = True) -> None:
+        self.path, self.writes = path, write
+        self.count = len(self.read()) if write else 0
+
+    def write(self, **record: Any) -> None:
+        if not self.writes:
+            return
+        atomic.append_line(self.path, json.dumps(strict(record), allow_nan=False))
+        self.count += 1
+
+    def read(self) -> list[dict]:
+        """The records; a last line that a kill cut short is not one. RunError if the file is damaged."""
+        if not self.path.exists():
+            return []
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except (UnicodeDecodeError, OSError) as e:
+            raise RunError(f"cannot read {self.path} ({e}); the run's metrics are damaged") from None
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 and not line.endswith("\n"):
+                    break  # torn by a kill while it was written
+                raise RunError(f"{self.path}: line {i + 1} is not JSON; the run's metrics are damaged") from None
+            if not isinstance(record, dict):
+                raise RunError(f"{self.path}: line {i + 1} is not a JSON object; the run's metrics are damaged")
+            records.append(record)
+        return records
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n records: what was logged after the checkpoint is logged again on resume."""
+        records = self.read()
+        if n > len(records):
+            raise RunError(f"{self.path} holds {len(records)} records but the checkpoint counts {n}; the run's "
+                           f"metrics are damaged")
+        atomic.write_file(self.path, "".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in records[:n]))
+        self.count = n
+
+
+def finished(run: Path) -> bool:
+    """Whether a run completed: its last record is the final test and its adapter (or weights) is there."""
+    records = Metrics(run / "metrics.jsonl", write=False).read()
+    done = any(r.get("event") == "test_after" for r in records)
+    return done and ((run / "adapter").is_dir() or (run / "model.safetensors").is_file())
 
 
 def stores_bf16(cfg: RunConfig) -> bool:
