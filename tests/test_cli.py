@@ -65,7 +65,7 @@ def test_eval_predict_merge_inspect(reviews, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    cfg, task = load_run(str(run))
+    cfg, task = load_run(str(run), as_trained=False)  # the fp32 base the merge added the adapter to
     batch = task.splits["test"].collate(list(range(4)))
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch.inputs).logits, task.model(**batch.inputs).logits, atol=1e-5, rtol=0)

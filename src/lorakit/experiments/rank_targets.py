@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..train.config import ModelConfig, TrainSection, build_config
 from .report import Report, command_line, run_facts
 from .sentiment import EPOCHS as SENTIMENT_EPOCHS
@@ -92,10 +93,7 @@ def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
               flush=True)
     saved = {"quick": quick, "ranks": list(ranks), "targets": targets, "seeds": seeds, "command": command_line(),
              "run": facts, "seconds": time.perf_counter() - start, "load": [load[0], os.getloadavg()[0]], "runs": runs}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RUNS}.tmp"
-    tmp.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / RUNS)
+    atomic.write_file(out / RUNS, json.dumps(saved, indent=1) + "\n")
     return render(out)
 
 

@@ -156,10 +156,13 @@ def frozen_to_bf16(model: nn.Module, trained: Iterable[nn.Parameter]) -> int:
     return n
 
 
-def load_run(run: str | Path, with_adapter: bool = True, quantize: str | None = None) -> tuple[RunConfig, Prepared]:
+def load_run(run: str | Path, with_adapter: bool = True, quantize: str | None = None,
+             as_trained: bool = True) -> tuple[RunConfig, Prepared]:
     """A finished run's config, task data and model, with the run's adapter (or weights) applied.
 
-    quantize: base precision to load instead of the run's own model.quantize ("none" or "nf4")."""
+    quantize: base precision to load instead of the run's own model.quantize ("none" or "nf4").
+    as_trained: a bf16 run's frozen weights stored in bf16, as the run computed its scores (False: the base
+    as it is on disk, for a merge at full precision)."""
     path = Path(run)
     data = run_config_data(path)
     if quantize is not None:
@@ -181,7 +184,7 @@ def load_run(run: str | Path, with_adapter: bool = True, quantize: str | None = 
         else:
             raise RunError(f"{path} has no adapter/ or model.safetensors: the run has not finished; "
                            f"`lorakit train --resume --out {path}` completes it")
-    if stores_bf16(cfg):  # as the run computed its scores: the weights that did not train in bf16
+    if as_trained and stores_bf16(cfg):  # as the run computed its scores: the weights that did not train in bf16
         frozen_to_bf16(task.model, trained)
     task.model.eval()
     return cfg, task
@@ -234,7 +237,7 @@ def predict(run: str | Path, texts: list[str]) -> list[Prediction]:
     ids = D.tokenize_texts(task.tokenizer, texts, cfg.model.max_length)
     pad = task.tokenizer.pad_token_id or 0
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), task.autocast():
         for i in range(0, len(ids), 64):
             input_ids, mask = D.pad_batch(ids[i:i + 64], pad)
             probs = task.model(input_ids=input_ids.to(task.device),
@@ -286,7 +289,7 @@ def generate(run: str | Path, prompt: str, max_new_tokens: int = 40, seed: int =
     for label, switch in (("without adapter", disable_adapters), ("with adapter", enable_adapters)):
         switch(task.model)
         torch.manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad(), task.autocast():
             out = task.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=task.tokenizer.pad_token_id or task.tokenizer.eos_token_id)
         outputs[label] = task.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -312,7 +315,7 @@ def merge_run(run: str | Path, out: str | Path, overwrite: bool = False, print_f
                                f"so give a new or empty folder")
 
     free(out)
-    cfg, task = load_run(run)
+    cfg, task = load_run(run, as_trained=False)
     quantized = cfg.model.quantize != "none"
     model = merge_and_unload(task.model, dtype=torch.float32 if quantized else None)
     if quantized:

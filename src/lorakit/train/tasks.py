@@ -68,10 +68,14 @@ class Prepared:
     bf16: bool = False
     quant: QuantReport | None = None  # what model.quantize converted
 
+    def autocast(self):
+        """bf16 autocast on the task's device when the run asked for bf16, else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     def forward(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """(mean loss, logits) of a batch, on the task's device, under bf16 autocast if asked."""
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with self.autocast():
             if self.arch == "convnet":
                 logits = model(batch.inputs["pixels"])
                 return F.cross_entropy(logits, batch.labels), logits
