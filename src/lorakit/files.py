@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import atomic, tensorfile
 from .adapters import check_name, holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
-from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of
+from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of, kind_of
 from .quant import dequantize, is_quantized, nf4_roundtrip
 from .targets import check_slices, matches_suffix
 
@@ -96,8 +96,19 @@ def base_digest(layer: LoraLayer) -> str:
     if layer.base_sha is None:
         if layer.merged:
             raise ValueError(f"the base digest of a layer must be taken before {layer.merged} are merged into it")
-        layer.base_sha = weight_digest(dequantize(layer.base) if is_quantized(layer.base) else layer.base.weight)
+        layer.base_sha = getattr(layer.base, "lorakit_sha", None) or \
+            weight_digest(dequantize(layer.base) if is_quantized(layer.base) else layer.base.weight)
     return layer.base_sha
+
+
+def remember_base(model: nn.Module) -> int:
+    """Take the digest of every adaptable layer's weight now and keep it on the layer (`lorakit_sha`), so that
+    adapters are still recognised as trained on this base after its weights are cast (a bf16 server);
+    returns how many layers."""
+    layers = [m for m in model.modules() if kind_of(m) and not isinstance(m, LoraLayer)]
+    for m in layers:
+        m.lorakit_sha = weight_digest(dequantize(m) if is_quantized(m) else m.weight)
+    return len(layers)
 
 
 def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = None) -> dict:
@@ -120,7 +131,12 @@ def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = 
         else:
             weight = base.weight if as_nf4 is None else nf4_roundtrip(base.weight, as_nf4["block_size"],
                                                                       as_nf4["double_quant"])
-            digest = base_digest(module) if isinstance(module, LoraLayer) and as_nf4 is None else weight_digest(weight)
+            if as_nf4 is not None:
+                digest = weight_digest(weight)
+            elif isinstance(module, LoraLayer):
+                digest = base_digest(module)
+            else:
+                digest = getattr(base, "lorakit_sha", None) or weight_digest(weight)
             shape = list(base.weight.shape)
         h.update(f"{name}:{digest}".encode())
         shapes[name] = shape
@@ -675,12 +691,22 @@ def load_adapter(
     check_name(name)
     if name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
-    spec = read_adapter(directory)
-    plan = _check_fits(model, spec, force, Path(directory))
+    return place_adapter(model, read_adapter(directory), name, trainable, force, Path(directory))
+
+
+def place_adapter(model: nn.Module, spec: AdapterSpec, name: str, trainable: bool = False, force: bool = False,
+                  where: str | os.PathLike = "the adapter") -> list[str]:
+    """The second half of `load_adapter`, for an adapter already read (`read_adapter`, which does the file's
+    I/O and integrity checks, can run elsewhere — a server reads on a worker thread and places between
+    steps): check that it fits `model`, then add it as adapter `name`. Returns the adapted layers."""
+    check_name(name)
+    if name in list_adapters(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
+    plan = _check_fits(model, spec, force, Path(where))
     try:
         check_plan(plan, list(spec.saved), model, name)
     except (ValueError, TypeError) as e:
-        raise AdapterFileError(f"adapter in {directory} cannot be applied: {e}") from None
+        raise AdapterFileError(f"adapter in {where} cannot be applied: {e}") from None
     had_active = any(m.active is not None for m in holders(model))
     apply_plan(model, plan, list(spec.saved), name)
     _copy_in(model, spec, name)

@@ -18,6 +18,8 @@ def lora_rows(layer: nn.Module, x: Tensor) -> Tensor:
     """The update of each row of x under its own adapter: (B, ..., out) for x: (B, ..., in), or (B, T, dim)
     for an embedding's ids x: (B, T)."""
     g, rows = layer.geometry, layer.rows
+    if not layer.adapters:  # every adapter of this layer was deleted
+        return x.new_zeros(())
     if g.kind == "conv2d":
         raise TypeError("mixed-adapter batches support Linear, Conv1D and Embedding layers, not Conv2d")
     if layer.merged:

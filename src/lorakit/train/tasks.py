@@ -107,7 +107,7 @@ def default_targets(arch: str) -> list:
     return list(DEFAULT_TARGETS[arch])
 
 
-def _hf_dir(path: str | None, packaged: Callable[[], Path]) -> Path:
+def model_dir(path: str | None, packaged: Callable[[], Path]) -> Path:
     """A Hugging Face model directory that can be loaded without unpickling: config.json a JSON object,
     weights in complete safetensors files. ConfigError naming what is wrong."""
     if path is None:
@@ -139,7 +139,7 @@ def _hf_dir(path: str | None, packaged: Callable[[], Path]) -> Path:
     return p
 
 
-def _load(what: str, path: Path, load: Callable[[], Any]) -> Any:
+def load_part(what: str, path: Path, load: Callable[[], Any]) -> Any:
     """`load()` of a model directory's part, any failure of the loader a one-line ConfigError."""
     try:
         return load()
@@ -154,7 +154,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
                    "sentencepiece.bpe.model")
 
 
-def _tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path) -> Any:
     """The model directory's own tokenizer. Refused when the directory has none: transformers would build an
     empty one that reads every word as unknown, and training would run on nothing."""
     from transformers import AutoTokenizer
@@ -162,7 +162,7 @@ def _tokenizer(path: Path) -> Any:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"model.path {path}: cannot load its tokenizer (no tokenizer file; expected one of "
                           f"{', '.join(TOKENIZER_FILES)})")
-    tokenizer = _load("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path))
+    tokenizer = load_part("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path))
     if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:
         raise ConfigError(f"model.path {path}: cannot load its tokenizer (its vocabulary is empty)")
     return tokenizer
@@ -257,19 +257,19 @@ def _classify(cfg: RunConfig, with_model: bool) -> Prepared:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     sets, names = _text_sets(cfg)
-    path = _hf_dir(cfg.model.path, hub.minilm_dir)
-    config = _load("config", path, lambda: AutoConfig.from_pretrained(path))
+    path = model_dir(cfg.model.path, hub.minilm_dir)
+    config = load_part("config", path, lambda: AutoConfig.from_pretrained(path))
     _check_positions(config, cfg.model.max_length, "model.max_length", path)
     heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
     if heads and config.num_labels != len(names):
         raise ConfigError(f"model.path {path} already has a {config.num_labels}-label classification head but the "
                           f"data has {len(names)} labels ({', '.join(names[:5])}); give a model directory without a "
                           f"head, or data with its labels")
-    tokenizer = _tokenizer(path)
+    tokenizer = load_tokenizer(path)
     model = None
     if with_model:
         torch.manual_seed(cfg.train.seed)
-        model = _load("weights", path, lambda: AutoModelForSequenceClassification.from_pretrained(
+        model = load_part("weights", path, lambda: AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(names), use_safetensors=True))
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -325,10 +325,10 @@ def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = _hf_dir(cfg.model.path, hub.smollm2_dir)
-    config = _load("config", path, lambda: AutoConfig.from_pretrained(path))
+    path = model_dir(cfg.model.path, hub.smollm2_dir)
+    config = load_part("config", path, lambda: AutoConfig.from_pretrained(path))
     _check_positions(config, cfg.data.block_size, "data.block_size", path)
-    tokenizer = _tokenizer(path)
+    tokenizer = load_tokenizer(path)
     d = cfg.data
     blocks = text_blocks(tokenizer, d.path or hub.hamlet_path(), d.block_size)
     if d.val_path or d.test_path:
@@ -346,7 +346,7 @@ def _causal(cfg: RunConfig, with_model: bool) -> Prepared:
     model = None
     if with_model:
         torch.manual_seed(cfg.train.seed)
-        model = _load("weights", path, lambda: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
+        model = load_part("weights", path, lambda: AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
     return Prepared(model, {name: block_split(cfg, x) for name, x in sets.items()}, config.model_type, "perplexity",
                     tokenizer)
 
@@ -396,7 +396,7 @@ def _image(cfg: RunConfig) -> Prepared:
             state = tensorfile.read(state_path)[0]
         except tensorfile.TensorFileError as e:
             raise ConfigError(f"model.path: {e}") from None
-        _load("weights", state_path, lambda: model.load_state_dict(state))
+        load_part("weights", state_path, lambda: model.load_state_dict(state))
 
     def split(x: Tensor, y: Tensor) -> Split:
         def batches(batch_size: int, epoch: int, shuffle: bool) -> list[list[int]]:

@@ -1,0 +1,111 @@
+"""`lorakit serve`: one frozen base, many adapters, one HTTP server.
+
+    lorakit serve                                   # the packaged SmolLM2-135M-Instruct, no adapters yet
+    lorakit serve runs/hamlet                       # a run's base, its adapter served as "hamlet"
+    lorakit serve --adapter-dir adapters/ --max-loaded 16 --api-keys keys.toml
+
+base.py: what is served; engine.py: continuous batching; registry.py: adapters on disk and resident;
+auth.py: API keys; metrics.py: Prometheus; app.py: the HTTP API.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `lorakit serve` was asked for (see the CLI's help)."""
+
+    target: str | None = None  # a run folder or a model folder
+    model_path: str | None = None
+    task: str | None = None
+    adapters: tuple[tuple[str, str], ...] = ()
+    adapter_dir: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_loaded: int = 16
+    pins: tuple[str, ...] = ()
+    api_keys: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    device: str = "auto"
+    bf16: str = "auto"
+
+
+def build(options: ServeOptions, print_fn=print):
+    """The server of `options`: base loaded, engine started, adapters registered (not yet resident)."""
+    from ..train.runs import run_config_data
+    from ..train.tasks import native_bf16, resolve_device
+    from .app import Server
+    from .auth import Keys
+    from .base import load_base, run_base
+    from .engine import Engine
+    from .metrics import Metrics
+    from .registry import Registry
+
+    device = resolve_device(options.device)
+    bf16 = native_bf16(device) if options.bf16 == "auto" else options.bf16 == "true"
+    keys = Keys.load(options.api_keys) if options.api_keys else Keys()
+    path, task, labels, named = options.model_path, options.task, None, list(options.adapters)
+    if options.target is not None:
+        target = Path(options.target)
+        if (target / "config.json").is_file() and "model" in run_config_data(target):
+            run_path, task, labels = run_base(target)
+            path = path or run_path
+            named.insert(0, (target.resolve().name, str(target)))
+        else:
+            path = str(target)
+    base = load_base(path, task, device, bf16, labels)
+    metrics = Metrics()
+    engine = Engine(base.model, base.tokenizer, options.max_batch, options.max_queue)
+    adapter_dir = Path(options.adapter_dir) if options.adapter_dir else None
+    registry = Registry(engine, options.max_loaded, adapter_dir, events=metrics.event)
+    for name, folder in named:
+        try:
+            registry.register(name, folder)
+        except Exception as e:  # one bad adapter never takes the server down
+            print_fn(f"lorakit: adapter {name!r} not registered: {e}", file=sys.stderr)
+    server = Server(base, engine, registry, keys, metrics, pins=options.pins)
+    precision = "bf16" if bf16 else str(next(base.model.parameters()).dtype).removeprefix("torch.")
+    print_fn(f"lorakit: serving {base.name} ({base.task}, {precision}, {base.bytes / 2**20:,.0f} MiB on {device}) "
+             f"with {len(registry.names())} adapter(s) registered, at most {options.max_loaded} resident")
+    return server
+
+
+def run(options: ServeOptions) -> int:
+    """Serve until SIGTERM or Ctrl-C: then stop accepting, finish the requests in flight (30 s at most), exit 0."""
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    from .app import create_app
+
+    class Uvicorn(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGTERM and SIGINT begin uvicorn's graceful shutdown; the process then exits 0 (uvicorn's own
+            handling raises the signal again at the end, and the process would die of it)."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    app = create_app(build(options))
+    print(f"lorakit: listening on http://{options.host}:{options.port}", flush=True)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                            timeout_graceful_shutdown=30)
+    Uvicorn(config).run()
+    return 0
+
+
+__all__ = ["ServeOptions", "build", "run"]
