@@ -186,6 +186,53 @@ def test_mixed_batch_eight_adapters_smollm2(smollm2):
     assert_mixed_equals_rowwise(smollm2, ids, [f"user{i}" for i in range(8)] + [None])
 
 
+def test_mixed_batch_follows_adapters_added_changed_and_deleted(tiny_llama):
+    """The per-layer bank is kept between batches: it must see an adapter injected later (with a larger
+    rank, into a full bank), weights changed in place, and a deleted adapter's slot reused."""
+    targets = ["q_proj", "v_proj", "embed_tokens"]
+    eight_adapters(tiny_llama, targets)
+    ids = torch.randint(0, 120, (4, 6), generator=torch.Generator().manual_seed(3))
+    assert_mixed_equals_rowwise(tiny_llama, ids, ["user0", "user1", None, "user2"])
+    lorakit.inject(tiny_llama, targets, r=9, alpha=4, adapter="late")
+    lorakit.delete_adapter(tiny_llama, "user1")
+    with torch.no_grad():
+        for m in tiny_llama.modules():
+            if isinstance(m, LoraLayer):
+                m.adapters["late"].lora_b.normal_(0, 0.05)
+                m.adapters["user0"].lora_b.mul_(-2)
+    assert_mixed_equals_rowwise(tiny_llama, ids, ["user0", "late", None, "user2"])
+    lorakit.inject(tiny_llama, targets, r=3, alpha=4, adapter="reused")
+    randomize(tiny_llama)
+    assert_mixed_equals_rowwise(tiny_llama, ids, ["reused", "late", "user0", "user3"])
+    assert_mixed_equals_rowwise(tiny_llama, ids[:2], ["late", "late"])  # one adapter for every row
+
+
+def test_mixed_batch_in_bf16_matches_rows_alone(tiny_llama):
+    """Few rows for many adapters (gathered), many rows (all slots at once, masked), one adapter (its block)."""
+    eight_adapters(tiny_llama, ["q_proj", "v_proj", "o_proj"])
+    randomize(tiny_llama, std=0.3)
+    tiny_llama.to(torch.bfloat16)
+    ids = torch.randint(0, 120, (18, 6), generator=torch.Generator().manual_seed(4))
+    for names in (["user4", None, "user6"], [f"user{i % 8}" for i in range(17)] + [None], ["user5"] * 2):
+        check_bf16_rows(tiny_llama, ids[:len(names)], names)
+
+
+def check_bf16_rows(tiny_llama, ids, names):
+    with torch.no_grad(), lorakit.mixed_batch(tiny_llama, names):
+        mixed = tiny_llama(ids).logits.float()
+    for i, name in enumerate(names):
+        lorakit.disable_adapters(tiny_llama) if name is None else lorakit.set_adapter(tiny_llama, name)
+        with torch.no_grad():
+            alone = tiny_llama(ids[i:i + 1]).logits.float()
+        lorakit.enable_adapters(tiny_llama)
+        with torch.no_grad():
+            lorakit.disable_adapters(tiny_llama)
+            base = tiny_llama(ids[i:i + 1]).logits.float()
+            lorakit.enable_adapters(tiny_llama)
+        error, effect = (mixed[i:i + 1] - alone).abs().max(), (alone - base).abs().max()
+        assert error < effect / 10 if name else error < 0.02, (name, error, effect)
+
+
 def test_mixed_batch_with_modules_to_save(minilm):
     for name in ("pos", "neg"):
         lorakit.inject(minilm, ["query", "value"], r=4, adapter=name, modules_to_save=["classifier"])

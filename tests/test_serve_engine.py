@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.serve.engine import Engine, QueueFull, Sampling, Sequence
+from lorakit.serve.engine import Engine, QueueFull, Sampling, Sequence, Stopping
 
 from conftest import make_tiny_llama
 
@@ -129,7 +129,7 @@ def test_a_full_queue_refuses_and_close_drains(model):
         blocker.set()
         assert engine.close(drain=True, timeout=60)
         assert all(done.is_set() and out["reason"] == "length" for _, out, done in runs)
-        with pytest.raises(QueueFull, match="shutting down"):
+        with pytest.raises(Stopping, match="shutting down"):
             run(engine, prompts()[3], None, Sampling(max_tokens=4))
     finally:
         engine.close()

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import mixed
 from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule
 
 
@@ -96,8 +97,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Within the block, row i of every batch uses adapter names[i] (None: the base alone).
 
-    One forward serves many adapters: each LoRA layer gathers every row's A and B from a stacked
-    bank and applies them with batched matmuls. Inference only: dropout is not applied.
+    One forward serves many adapters: each LoRA layer keeps its adapters side by side and applies each
+    row's own with a few whole-batch matmuls (see `lorakit.mixed`). Inference only: dropout is not applied.
 
         with lorakit.mixed_batch(model, ["alice", "bob", None, "alice"]):
             logits = model(input_ids).logits   # input_ids: (4, T)
@@ -108,8 +109,9 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]
         raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; adapters: {', '.join(sorted(known))}")
     _refuse_merged(model, "run a mixed batch")
     layers = holders(model)
+    rows = mixed.Rows(names, mixed.slots_of(model, layers))
     for m in layers:
-        m.rows = list(names)
+        m.rows = rows
     try:
         yield
     finally:

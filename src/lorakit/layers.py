@@ -268,7 +268,7 @@ class LoraLayer(nn.Module):
         self.active: str | None = None
         self.merged: list[str] = []
         self.disabled = False
-        self.rows: list[str | None] | None = None
+        self.rows: mixed.Rows | None = None
         self.base_sha: str | None = None
         self.train(base.training)
 
@@ -290,7 +290,7 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return y
         if self.rows is not None:
-            return y + mixed.lora_rows(self, x).to(y.dtype)
+            return mixed.add_rows(self, x, y)
         if self.active is None or self.active in self.merged:
             return y
         adapter = self.adapters[self.active]
@@ -347,7 +347,7 @@ class SavedModule(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
-        self.rows: list[str | None] | None = None
+        self.rows: mixed.Rows | None = None
         self.train(original.training)
 
     def add(self, name: str) -> nn.Module:

@@ -1,61 +1,230 @@
 """Mixed-adapter batches: row i of a batch uses adapter rows[i] (None: the base alone), in one forward.
 
-Each LoRA layer stacks its adapters' A and s·up, zero-padded to the largest rank R (padding with zeros is
-exact), into a bank with one extra all-zero entry for rows without an adapter; a batch gathers each row's
-pair from the bank and applies them with two batched matmuls — no Python loop over adapters. Inference
-only: no dropout. `lorakit.mixed_batch` sets the rows; `LoraLayer` and `SavedModule` call these functions.
+Every adapter of a model has a slot, the same in every layer (`Slots`; slot 0 is no adapter). Each LoRA layer
+keeps its adapters side by side in a `Bank`: `a` (in, slots·R) holds each slot's Aᵀ, `up` (slots·R, out) its
+(s·B)ᵀ, zero-padded to the layer's largest rank R (zero padding is exact) and all zero in an empty slot. A
+batch then takes one of three paths, none of them a Python loop over adapters:
+- every row has the same adapter: its slot's block of `a` and `up`, two matmuls;
+- few slots for the rows (slots ≤ 2 × rows): x·a for every slot at once, a mask keeping each row's own
+  block, then ·up — three dense ops, no copy of any weight;
+- many slots: each row's A and B gathered by slot, then two batched matmuls.
+What is the same for every layer of one batch — each row's slot and the mask — is made once, in `Rows`.
+The bank is kept in the adapters' own dtype and follows the layer's adapters: one added, changed in place
+or deleted is written to (or cleared from) its slot when a batch next names it, and the others are not
+copied again. A 16-bit model's dense path uses a 16-bit copy of the bank, kept in step block by block; on a
+CPU its single-adapter path over few positions (≤ SMALL) stays in fp32, where thin matmuls are faster.
+Inference only: no dropout.
 
-Nothing here imports the rest of lorakit: a layer is anything with adapters, rows, geometry and merged.
+`lorakit.mixed_batch` sets the rows; `LoraLayer` and `SavedModule` call these functions. Nothing here imports
+the rest of lorakit: a layer is anything with adapters, rows, geometry and merged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 from torch import Tensor, nn
 
+HALF = (torch.bfloat16, torch.float16)
+SMALL = 32  # positions in a batch up to which a CPU computes a 16-bit model's updates in the bank's fp32
 
-def lora_rows(layer: nn.Module, x: Tensor) -> Tensor:
-    """The update of each row of x under its own adapter: (B, ..., out) for x: (B, ..., in), or (B, T, dim)
-    for an embedding's ids x: (B, T)."""
+
+class Slots:
+    """A model's adapter name → slot, shared by all its layers' banks. version changes when a slot does."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, int] = {}
+        self.version = 0
+
+    def update(self, names: Iterable[str]) -> None:
+        """Slots for exactly these names: a name keeps its slot, a gone one frees it, a new one takes the
+        lowest free slot."""
+        names = set(names)
+        gone = [n for n in self.of if n not in names]
+        new = sorted(names.difference(self.of))
+        if not gone and not new:
+            return
+        for n in gone:
+            del self.of[n]
+        used = set(self.of.values())
+        free = (s for s in range(1, len(names) + 2) if s not in used)
+        for n in new:
+            self.of[n] = next(free)
+        self.version += 1
+
+    @property
+    def size(self) -> int:
+        return max(self.of.values(), default=0) + 1
+
+
+def slots_of(model: nn.Module, layers: Sequence[nn.Module]) -> Slots:
+    """The model's `Slots` (kept on it), brought level with the adapters of its LoRA layers."""
+    slots = model.__dict__.get("lorakit_slots")
+    if slots is None:
+        slots = model.__dict__["lorakit_slots"] = Slots()
+    slots.update(n for m in layers for n in m.adapters.keys())
+    return slots
+
+
+class Rows(list):
+    """A mixed batch's adapter name per row, with what all its layers share: the model's slots, the adapters
+    named, and — made once per batch — each row's slot and the dense path's block mask."""
+
+    def __init__(self, names: Iterable[str | None], slots: Slots) -> None:
+        super().__init__(names)
+        self.slots = slots
+        self.named = sorted({n for n in self if n is not None})
+        self.single = self.named[0] if len(self.named) == 1 and all(self) else None  # every row's adapter
+        self.made: dict[tuple, Tensor] = {}
+
+    def index(self, device: torch.device) -> Tensor:
+        """(B,) each row's slot."""
+        key = ("index", device)
+        if key not in self.made:
+            self.made[key] = torch.tensor([self.slots.of.get(n, 0) if n else 0 for n in self], device=device)
+        return self.made[key]
+
+    def mask(self, width: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(B, width·rank): 1 on the rank columns of each row's slot, 0 elsewhere."""
+        key = ("mask", width, rank, dtype, device)
+        if key not in self.made:
+            mask = torch.zeros(len(self), width, rank, dtype=dtype, device=device)
+            mask[torch.arange(len(self), device=device), self.index(device)] = 1
+            self.made[key] = mask.view(len(self), width * rank)
+        return self.made[key]
+
+
+class Bank:
+    """A layer's adapters by slot: a (in, width·R) holds Aᵀ blocks, up (width·R, out) (s·B)ᵀ blocks."""
+
+    def __init__(self, layer: nn.Module, width: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device, self.width, self.rank = dtype, device, width, rank
+        self.rows_in, self.out = layer.geometry.in_features, layer.geometry.out_features
+        self.a = torch.zeros(self.rows_in, width * rank, dtype=dtype, device=device)
+        self.up = torch.zeros(width * rank, self.out, dtype=dtype, device=device)
+        self.held: dict[str, list] = {}  # name → [slot, adapter, lora_a, lora_b, their versions, scale] as copied
+        self.seen = (-1, ())  # the slots' version and the layer's adapter names at the last clean-up
+        self.cast: tuple[torch.dtype, Tensor, Tensor] | None = None  # a and up in a 16-bit dtype, until a write
+
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """a and up in dtype (a copy in another dtype is kept until the bank next changes)."""
+        if dtype == self.dtype:
+            return self.a, self.up
+        if self.cast is None or self.cast[0] != dtype:
+            self.cast = (dtype, self.a.to(dtype), self.up.to(dtype))
+        return self.cast[1], self.cast[2]
+
+    def block(self, slot: int) -> slice:
+        return slice(slot * self.rank, (slot + 1) * self.rank)
+
+    def sync(self, layer: nn.Module, rows: Rows) -> None:
+        """Clear the slots of adapters gone from the layer (or moved), then copy in each adapter the batch names
+        that is new or changed since it was copied — growing the bank first when it is too narrow or R too small."""
+        adapters = layer.adapters._modules
+        seen = (rows.slots.version, tuple(adapters))
+        if seen != self.seen:
+            for name, held in list(self.held.items()):
+                if adapters.get(name) is not held[1] or rows.slots.of.get(name) != held[0]:
+                    self.a[:, self.block(held[0])] = 0
+                    self.up[self.block(held[0])] = 0
+                    del self.held[name]
+                    if self.cast is not None:
+                        self.cast[1][:, self.block(held[0])] = 0
+                        self.cast[2][self.block(held[0])] = 0
+            self.seen = seen
+        for name in rows.named:
+            adapter = adapters.get(name)
+            if adapter is None:
+                continue
+            a, b = adapter._parameters["lora_a"], adapter._parameters["lora_b"]
+            held = self.held.get(name)
+            if (held is not None and held[2] is a and held[3] is b and held[4] == (a._version, b._version)
+                    and held[5] == adapter.scale):
+                continue
+            self.write(name, rows.slots.of[name], adapter)
+
+    @torch.no_grad()
+    def write(self, name: str, slot: int, adapter: nn.Module) -> None:
+        r = adapter.lora_a.shape[0]
+        if slot >= self.width or r > self.rank:
+            self.grow(max(2 * self.width, slot + 1) if slot >= self.width else self.width, max(r, self.rank))
+        block = self.block(slot)
+        self.a[:, block] = 0
+        self.up[block] = 0
+        self.a[:, block.start:block.start + r] = adapter.lora_a.detach().t()
+        self.up[block.start:block.start + r] = (adapter.up().detach() * adapter.scale).t()
+        a, b = adapter._parameters["lora_a"], adapter._parameters["lora_b"]
+        self.held[name] = [slot, adapter, a, b, (a._version, b._version), adapter.scale]
+        if self.cast is not None:  # the 16-bit copy follows, block by block
+            self.cast[1][:, block] = self.a[:, block]
+            self.cast[2][block] = self.up[block]
+
+    def grow(self, width: int, rank: int) -> None:
+        a = torch.zeros(self.rows_in, width, rank, dtype=self.dtype, device=self.device)
+        up = torch.zeros(width, rank, self.out, dtype=self.dtype, device=self.device)
+        a[:, :self.width, :self.rank] = self.a.view(self.rows_in, self.width, self.rank)
+        up[:self.width, :self.rank] = self.up.view(self.width, self.rank, self.out)
+        self.a, self.up = a.view(self.rows_in, width * rank), up.view(width * rank, self.out)
+        self.width, self.rank, self.cast = width, rank, None
+
+
+def bank(layer: nn.Module, rows: Rows, dtype: torch.dtype, device: torch.device) -> Bank:
+    """The layer's bank in `dtype` on `device`, level with the adapters the batch names (kept on the layer)."""
+    current = layer.__dict__.get("_bank")
+    if current is None or current.dtype != dtype or current.device != device:
+        rank = max(a.lora_a.shape[0] for a in layer.adapters.values())
+        current = layer.__dict__["_bank"] = Bank(layer, rows.slots.size, rank, dtype, device)
+    current.sync(layer, rows)
+    return current
+
+
+def add_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """y, the base's output for x, plus each row's own adapter update: x (B, ..., in) → y (B, ..., out), or
+    for an embedding's ids x (B, T) → y (B, T, dim). Rows whose adapter the layer lacks get nothing added."""
     g, rows = layer.geometry, layer.rows
-    if not layer.adapters:  # every adapter of this layer was deleted
-        return x.new_zeros(())
+    if x.shape[0] != len(rows):
+        raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
+    adapters = layer.adapters._modules
+    present = [n for n in rows.named if n in adapters]
+    if not present:
+        return y
     if g.kind == "conv2d":
         raise TypeError("mixed-adapter batches support Linear, Conv1D and Embedding layers, not Conv2d")
     if layer.merged:
         raise ValueError(f"adapters {layer.merged} are merged into the base weights; unmerge before a mixed batch")
-    if x.shape[0] != len(rows):
-        raise ValueError(f"mixed batch has {x.shape[0]} rows but {len(rows)} adapter names were given")
-    names = list(layer.adapters)
-    index = torch.tensor([names.index(n) if n in layer.adapters else len(names) for n in rows], device=x.device)
-    a_bank, up_bank = bank(layer)
-    up = up_bank[index]  # (B, out, R)
-    if g.kind == "embedding":
-        u = a_bank.transpose(1, 2)[index[:, None], x]  # (B, T, R)
-        return torch.bmm(u, up.transpose(1, 2))  # (B, T, dim)
-    xb = x.to(a_bank.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
-    u = torch.bmm(xb, a_bank[index].transpose(1, 2))  # (B, L, R)
-    return torch.bmm(u, up.transpose(1, 2)).reshape(*x.shape[:-1], g.out_features)  # (B, ..., out)
+    b = bank(layer, rows, adapters[present[0]].lora_a.dtype, x.device)
+    n = x.numel() if g.kind == "embedding" else x.numel() // g.in_features  # positions in the batch
+    y2 = y.reshape(n, g.out_features)
+    if rows.single is not None:  # one adapter for every row
+        # On a CPU, two thin matmuls over a few dozen positions (decoding) run faster in fp32 than in bf16.
+        dtype = y.dtype if y.dtype in HALF and (n > SMALL or x.device.type != "cpu") else b.dtype
+        a, up = b.weights(dtype)
+        block = b.block(rows.slots.of[rows.single])
+        u = (a[x.reshape(-1), block] if g.kind == "embedding"
+             else x.reshape(n, g.in_features).to(dtype) @ a[:, block])  # (n, R)
+        return _add(y2, u, up[block]).view(y.shape)
+    width = min(b.width, rows.slots.size)  # the slots in use
+    if g.kind == "embedding" or width <= 2 * len(rows):  # every slot at once, each row's block kept
+        dense = y.dtype if y.dtype in HALF else b.dtype  # (here 16-bit is the faster on a CPU too)
+        a, up = b.weights(dense)
+        a, up = a[:, :width * b.rank], up[:width * b.rank]
+        u = a[x] if g.kind == "embedding" else x.to(dense) @ a  # (B, ..., width·R)
+        u = u.reshape(x.shape[0], -1, u.shape[-1]) * rows.mask(width, b.rank, dense, x.device)[:, None]
+        return _add(y2, u.reshape(n, -1), up).view(y.shape)
+    a, up = b.weights(b.dtype)
+    index = rows.index(x.device)  # each row's A and B gathered by slot
+    xb = x.reshape(x.shape[0], -1, g.in_features).to(b.dtype)  # (B, L, in)
+    a_rows = a.view(g.in_features, b.width, b.rank)[:, index].transpose(0, 1)  # (B, in, R)
+    up_rows = up.view(b.width, b.rank, g.out_features)[index]  # (B, R, out)
+    return (y2 + torch.bmm(torch.bmm(xb, a_rows), up_rows).reshape(n, -1).to(y.dtype)).view(y.shape)
 
 
-def bank(layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """A: (n+1, R, in) and s·up: (n+1, out, R) of the layer's n adapters, zero-padded to the largest rank R.
-
-    Without autograd the bank is kept on the layer and rebuilt only when an adapter's weights change (their
-    version counters), so serving mixed batches does not restack it on every call."""
-    adapters = list(layer.adapters.values())
-    key = tuple((id(a), p.data_ptr(), p._version) for a in adapters for p in (a.lora_a, a.lora_b))
-    cached = getattr(layer, "_banked", None)
-    if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-        return cached[1], cached[2]
-    rank, ref = max(a.lora_a.shape[0] for a in adapters), adapters[0].lora_a
-    a_bank = ref.new_zeros(len(adapters) + 1, rank, ref.shape[1])  # (n+1, R, in)
-    up_bank = ref.new_zeros(len(adapters) + 1, layer.geometry.out_features, rank)  # (n+1, out, R)
-    for i, a in enumerate(adapters):
-        a_bank[i, :a.lora_a.shape[0]] = a.lora_a
-        up_bank[i, :, :a.lora_a.shape[0]] = a.up() * a.scale
-    layer._banked = (key, a_bank, up_bank) if not torch.is_grad_enabled() else None
-    return a_bank, up_bank
+def _add(y: Tensor, u: Tensor, up: Tensor) -> Tensor:
+    """y + u·up, in place when nothing records gradients (y is the base's fresh output)."""
+    if torch.is_grad_enabled():
+        return y + (u @ up).to(y.dtype)
+    return y.addmm_(u, up) if u.dtype == y.dtype else y.add_(u @ up)
 
 
 def saved_rows(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:

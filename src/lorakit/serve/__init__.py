@@ -35,8 +35,9 @@ class ServeOptions:
     bf16: str = "auto"
 
 
-def build(options: ServeOptions, print_fn=print):
-    """The server of `options`: base loaded, engine started, adapters registered (not yet resident)."""
+def build(options: ServeOptions, print_fn=print, engine_thread: bool = True):
+    """The server of `options`: base loaded, engine made (started on its own thread with engine_thread), adapters
+    registered (not yet resident)."""
     from ..train.runs import run_config_data
     from ..train.tasks import native_bf16, resolve_device
     from .app import Server
@@ -60,7 +61,7 @@ def build(options: ServeOptions, print_fn=print):
             path = str(target)
     base = load_base(path, task, device, bf16, labels)
     metrics = Metrics()
-    engine = Engine(base.model, base.tokenizer, options.max_batch, options.max_queue)
+    engine = Engine(base.model, base.tokenizer, options.max_batch, options.max_queue, thread=engine_thread)
     adapter_dir = Path(options.adapter_dir) if options.adapter_dir else None
     registry = Registry(engine, options.max_loaded, adapter_dir, events=metrics.event)
     for name, folder in named:
@@ -76,8 +77,9 @@ def build(options: ServeOptions, print_fn=print):
 
 
 def run(options: ServeOptions) -> int:
-    """Serve until SIGTERM or Ctrl-C: then stop accepting, finish the requests in flight (30 s at most), exit 0."""
-    import contextlib
+    """Serve until SIGTERM or Ctrl-C: then stop accepting, finish the requests in flight (30 s at most), exit 0.
+
+    The engine runs on the main thread, which loaded the model (see `Engine.loop`); uvicorn on another."""
     import signal
     import threading
 
@@ -85,27 +87,25 @@ def run(options: ServeOptions) -> int:
 
     from .app import create_app
 
-    class Uvicorn(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            """SIGTERM and SIGINT begin uvicorn's graceful shutdown; the process then exits 0 (uvicorn's own
-            handling raises the signal again at the end, and the process would die of it)."""
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+    server = build(options, engine_thread=False)
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=options.host, port=options.port,
+                                         log_level="warning", timeout_graceful_shutdown=30))
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: server.engine.stop(30.0))
 
-    app = create_app(build(options))
+    def serve_http() -> None:
+        try:
+            http.run()
+        finally:
+            server.engine.stop(0.0)  # uvicorn ended (or never started): so does the engine
+
+    thread = threading.Thread(target=serve_http, name="lorakit-http", daemon=True)
+    thread.start()
     print(f"lorakit: listening on http://{options.host}:{options.port}", flush=True)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
-                            timeout_graceful_shutdown=30)
-    Uvicorn(config).run()
-    return 0
+    server.engine.loop()
+    http.should_exit = True
+    thread.join(40)
+    return 0 if http.started else 1
 
 
 __all__ = ["ServeOptions", "build", "run"]

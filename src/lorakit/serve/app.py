@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..files import AdapterFileError
 from .auth import Key, Keys
 from .base import Base
-from .engine import Engine, QueueFull, Sampling, Sequence
+from .engine import Engine, QueueFull, Sampling, Sequence, Stopping
 from .metrics import Metrics
 from .registry import AdapterBusy, Registry, UnknownAdapter
 
@@ -74,6 +74,7 @@ class CompletionBody(Body):
     stream: bool = False
     n: int = 1
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 class Message(Body):
@@ -93,6 +94,7 @@ class ChatBody(Body):
     stream: bool = False
     n: int = 1
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False
 
 
 class ClassifyBody(Body):
@@ -119,6 +121,7 @@ class TGIParameters(Body):
     stop: list[str] | None = None
     details: bool = True
     return_full_text: bool = False
+    ignore_eos_token: bool = False
 
 
 class TGIBody(Body):
@@ -254,7 +257,9 @@ def create_app(server: Server) -> FastAPI:
             last[0] = now
             loop.call_soon_threadsafe(queue.put_nowait, ("token", text))
 
-        def on_finish(reason: str, usage: dict) -> None:
+        def on_finish(reason: str, usage: dict) -> None:  # on the engine's thread, once, however it ended
+            if adapter is not None:
+                server.registry.release(adapter)
             m.prompt_tokens.labels(label).inc(usage["prompt_tokens"])
             m.generated_tokens.labels(label).inc(usage["completion_tokens"])
             if reason.startswith("error"):
@@ -269,11 +274,17 @@ def create_app(server: Server) -> FastAPI:
                 server.registry.release(adapter)
             m.requests.labels(label, endpoint, "429").inc()
             raise APIError(429, f"the server is busy: {e}", "rate_limit_error", headers={"Retry-After": "1"}) from None
+        except Stopping as e:
+            if adapter is not None:
+                server.registry.release(adapter)
+            m.requests.labels(label, endpoint, "503").inc()
+            raise APIError(503, str(e), "server_error") from None
         m.requests.labels(label, endpoint, "200").inc()
         return seq, queue, adapter
 
     async def events(seq: Sequence, queue: asyncio.Queue, adapter: str | None) -> AsyncIterator[tuple]:
-        """The sequence's events until it finishes; leaving early (a client gone) cancels it."""
+        """The sequence's events until it finishes; leaving early (a client gone) cancels it. (The adapter
+        is released when the engine finishes the sequence, whether or not anyone reads its events.)"""
         try:
             while True:
                 event = await queue.get()
@@ -282,11 +293,9 @@ def create_app(server: Server) -> FastAPI:
                     return
         finally:
             seq.cancelled.set()
-            if adapter is not None:
-                server.registry.release(adapter)
 
     def sampling_of(max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
-                    stop: str | list[str] | None, prompt_len: int) -> Sampling:
+                    stop: str | list[str] | None, prompt_len: int, ignore_eos: bool = False) -> Sampling:
         if max_tokens is None:
             max_tokens = max(1, server.base.context - prompt_len)
         if max_tokens < 1:
@@ -302,7 +311,7 @@ def create_app(server: Server) -> FastAPI:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
-        return Sampling(max_tokens, temperature, top_p, seed, tuple(stops))
+        return Sampling(max_tokens, temperature, top_p, seed, tuple(stops), ignore_eos)
 
     def tokens(text: str) -> list[int]:
         return server.base.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -323,7 +332,8 @@ def create_app(server: Server) -> FastAPI:
                 raise APIError(400, "prompt must be one string (or a list of one)", param="prompt")
             body.prompt = body.prompt[0]
         prompt = tokens(body.prompt)
-        sampling = sampling_of(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, len(prompt))
+        sampling = sampling_of(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, len(prompt),
+                               body.ignore_eos)
         seq, queue, adapter = await start(key, body.model, prompt, sampling, "completions")
         rid, made = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -361,7 +371,7 @@ def create_app(server: Server) -> FastAPI:
         text = server.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = tokens(text)
         sampling = sampling_of(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p, body.seed,
-                               body.stop, len(prompt))
+                               body.stop, len(prompt), body.ignore_eos)
         seq, queue, adapter = await start(key, body.model, prompt, sampling, "chat")
         rid, made = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -402,7 +412,7 @@ def create_app(server: Server) -> FastAPI:
         p = body.parameters or TGIParameters()
         prompt = tokens(body.inputs)
         temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
-        sampling = sampling_of(p.max_new_tokens, temperature, p.top_p, p.seed, p.stop, len(prompt))
+        sampling = sampling_of(p.max_new_tokens, temperature, p.top_p, p.seed, p.stop, len(prompt), p.ignore_eos_token)
         seq, queue, adapter = await start(key, p.adapter_id, prompt, sampling, "generate", "parameters.adapter_id")
         if stream:
             async def tokens_out():

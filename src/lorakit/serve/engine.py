@@ -28,20 +28,34 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
+from .. import mixed
 from ..adapters import holders
+from . import attention
+from .kv import KV
+
+
+def _dense_input(module: nn.Module, args: tuple) -> tuple:
+    """The output head's input as a fresh dense tensor. The head gets the last position of a prefill chunk, a
+    strided slice; for a slice and a weight that needs no gradient (a frozen base), torch's matmul copies the
+    weight rather than the slice — for a vocabulary-sized head 20× (one row) to 150× (eight) slower."""
+    x = args[0]
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:]) if x.dim() > 2 else None
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How to pick tokens. temperature 0: greedy. top_p: nucleus sampling's mass. seed: a generator of the
-    request's own (None: the engine's). stop: strings that end the output (not included in it)."""
+    request's own (None: the engine's). stop: strings that end the output (not included in it). ignore_eos:
+    go on past the end-of-text token to max_tokens (benchmarks, as vLLM's and TGI's option of that name)."""
 
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(eq=False)
@@ -58,7 +72,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     done: int = 0  # prompt tokens prefilled
-    cache: object = None  # its own KV cache while it prefills
+    cache: KV | None = None  # its own KV cache while it prefills
     generator: torch.Generator | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -75,12 +89,17 @@ class QueueFull(Exception):
     """The engine holds as many waiting requests as it may; try again later."""
 
 
+class Stopping(Exception):
+    """The engine was stopped: it finishes what it has and takes nothing new."""
+
+
 class Engine:
-    """Runs `model` (a causal LM with any adapters loaded) on its own thread. `submit` a Sequence; `call` a
-    function to run on the engine's thread between steps. max_batch: sequences decoded together; max_queue:
+    """Runs `model` (a causal LM with any adapters loaded) on its own thread (thread=False: on the thread that
+    calls `loop`). `submit` a Sequence; `call` a function to run on the engine's thread between steps. max_batch: sequences decoded together; max_queue:
     sequences waiting to start; chunk: prompt tokens prefilled per step."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64, chunk: int = 128) -> None:
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64, chunk: int = 128,
+                 thread: bool = True) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
         self.device = next(model.parameters()).device
@@ -90,23 +109,30 @@ class Engine:
         self.eos = {t for t in [getattr(tokenizer, "eos_token_id", None)] if t is not None}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.kv: list[tuple[Tensor, Tensor]] | None = None  # (B, heads, L, dim) per layer, left-padded
+        self.kv: KV | None = None  # the running batch's, left-padded to a common length
         self.mask: Tensor | None = None  # (B, L): 1 on real tokens
         self.jobs: deque[tuple[Callable, concurrent.futures.Future]] = deque()
         self.wake = threading.Condition()
         self.stopping = False
-        self.holders: list[nn.Module] | None = None
+        self.holders: list[nn.Module] | None = None  # the model's adapter holders, and their slots
+        self.slots: mixed.Slots | None = None
         self.steps = 0
         self.on_step: Callable[[Engine], None] | None = None  # after each step (metrics)
-        self.thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
-        self.thread.start()
+        self.restore_attention = attention.use(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head_hook = head.register_forward_pre_hook(_dense_input) if isinstance(head, nn.Module) else None
+        self.deadline: float | None = None  # after stop: when the sequences still in flight are cancelled
+        self.cut_short = False  # a stop's deadline cancelled sequences in flight
+        self.thread = threading.Thread(target=self.loop, name="lorakit-engine", daemon=True) if thread else None
+        if self.thread is not None:
+            self.thread.start()
 
     # ------------------------------------------------------------ the outside
 
     def submit(self, seq: Sequence) -> None:
         with self.wake:
             if self.stopping:
-                raise QueueFull("the server is shutting down")
+                raise Stopping("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting to start")
             self.waiting.append(seq)
@@ -127,37 +153,54 @@ class Engine:
     def busy(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting; the sequences already submitted go on for up to timeout seconds, then are cancelled.
+        Safe in a signal handler: it only sets flags."""
+        self.deadline = time.monotonic() + timeout
+        self.stopping = True
+
     def close(self, drain: bool = True, timeout: float = 30.0) -> bool:
-        """Stop accepting; with drain, let the sequences already submitted finish (up to timeout seconds),
-        else cancel them. True if everything finished in time."""
+        """`stop`, then wait for the sequences in flight (with drain; else cancel them) and put the model back
+        as it was. True if everything finished in time."""
         with self.wake:
-            self.stopping = True
+            self.stop(timeout if drain else 0.0)
             self.wake.notify()
-        deadline = time.monotonic() + timeout
-        while drain and self.busy() and time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout + 5
+        while self.busy() and time.monotonic() < deadline and (self.thread is None or self.thread.is_alive()):
             time.sleep(0.02)
-        finished = not self.busy()
-        for seq in list(self.waiting) + list(self.running):
-            seq.cancelled.set()
-        with self.wake:
-            self.wake.notify()
+        finished = not self.busy() and not self.cut_short
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        if self.head_hook is not None:
+            self.head_hook.remove()
+            self.head_hook = None
+        self.restore_attention()
         return finished
 
     # ------------------------------------------------------------ the thread
 
-    def _run(self) -> None:
+    def loop(self) -> None:
+        """Run steps until the engine is closed and idle. On its own thread unless made with thread=False; then the
+        caller runs it (`lorakit serve`: on the main thread, which loaded the model — on a CPU, torch's
+        OpenMP workers answer that thread far faster than a thread started later: 1.5× the tokens/s)."""
         while True:
             with self.wake:
-                while not (self.jobs or self.waiting or self.running):
+                while not (self.jobs or self.waiting or self.running or self.stopping):
                     self.wake.wait(timeout=0.5)
                 jobs = list(self.jobs)
                 self.jobs.clear()
+                if self.stopping and not jobs and not self.busy():
+                    return
             for fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as e:  # the caller gets it; the engine keeps serving
                         future.set_exception(e)
+            if self.deadline is not None and time.monotonic() > self.deadline and self.busy():
+                self.cut_short = True
+                for seq in list(self.waiting) + list(self.running):
+                    seq.cancelled.set()
             try:
                 with torch.no_grad():
                     self._prefill()
@@ -177,24 +220,22 @@ class Engine:
         engine's thread, as `lorakit.mixed_batch` with the model's adapter holders remembered."""
         if self.holders is None:
             self.holders = holders(self.model)
+            self.slots = mixed.slots_of(self.model, self.holders)
+        rows = mixed.Rows(names, self.slots)
         for m in self.holders:
-            m.rows = names
+            m.rows = rows
         try:
             yield
         finally:
             for m in self.holders:
                 m.rows = None
 
-    def _forward(self, names: list[str | None], **inputs) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def _forward(self, names: list[str | None], kv: KV | None, **inputs) -> tuple[Tensor, KV]:
+        """The last position's logits for each row, and the KV cache grown by the inputs' positions."""
+        cache = DynamicCache(config=self.config) if kv is None else kv.cache(self.config)
         with self.rows(names):
-            out = self.model(**inputs, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
-
-    def _cache(self, kv: list[tuple[Tensor, Tensor]] | None):
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=kv, config=self.config) if kv else DynamicCache(config=self.config)
+            out = self.model(**inputs, use_cache=True, **{self.cache_arg: cache})
+        return out.logits[:, -1].float(), KV.of(getattr(out, "cache", None) or out.past_key_values)
 
     def _prefill(self) -> None:
         """One chunk of the oldest waiting prompt; when it is whole, its first token, and into the batch."""
@@ -206,9 +247,9 @@ class Engine:
         chunk = seq.prompt[seq.done:seq.done + self.chunk]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(seq.done, seq.done + len(chunk), device=self.device)[None]
-        logits, kv = self._forward([seq.adapter], input_ids=ids, position_ids=positions, logits_to_keep=1,
-                                   **{self.cache_arg: self._cache(seq.cache)})
-        seq.cache, seq.done = kv, seq.done + len(chunk)
+        logits, seq.cache = self._forward([seq.adapter], seq.cache, input_ids=ids, position_ids=positions,
+                                          logits_to_keep=1)
+        seq.done += len(chunk)
         if seq.done < len(seq.prompt):
             return
         self.waiting.popleft()
@@ -220,16 +261,13 @@ class Engine:
     def _join(self, seq: Sequence) -> None:
         """Put a prefilled sequence's KV cache in the batch's, left-padding the shorter of the two."""
         own, seq.cache = seq.cache, None
-        length = own[0][0].shape[2]
+        length = own.length
         if self.kv is None:
-            self.kv = own
+            self.kv = own.rows(torch.arange(1, device=self.device), 0)
             self.mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         else:
-            width = max(self.mask.shape[1], length)
-            pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, n, 0))  # noqa: E731  left, on the length axis
-            self.kv = [(torch.cat([pad(k, width - k.shape[2]), pad(k2, width - length)]),
-                        torch.cat([pad(v, width - v.shape[2]), pad(v2, width - length)]))
-                       for (k, v), (k2, v2) in zip(self.kv, own)]
+            width = max(self.kv.length, length)
+            self.kv = self.kv.stack(own)
             old = torch.nn.functional.pad(self.mask, (width - self.mask.shape[1], 0))
             new = torch.nn.functional.pad(torch.ones(1, length, dtype=torch.long, device=self.device), (width - length, 0))
             self.mask = torch.cat([old, new])
@@ -248,8 +286,8 @@ class Engine:
         ids = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.position] for s in rows], device=self.device)
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype, device=self.device)], 1)
-        logits, self.kv = self._forward([s.adapter for s in rows], input_ids=ids, position_ids=positions,
-                                        attention_mask=mask, **{self.cache_arg: self._cache(self.kv)})
+        logits, self.kv = self._forward([s.adapter for s in rows], self.kv, input_ids=ids, position_ids=positions,
+                                        attention_mask=mask)
         self.mask = mask
         done = []
         for i, seq in enumerate(rows):
@@ -272,7 +310,7 @@ class Engine:
         mask = self.mask[index]
         start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every row go
         self.mask = mask[:, start:]
-        self.kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self.kv]
+        self.kv = self.kv.rows(index, start)
 
     def _sample(self, seq: Sequence, logits: Tensor) -> int:
         s = seq.sampling
@@ -293,8 +331,9 @@ class Engine:
         if seq.first_token is None:
             seq.first_token = time.perf_counter()
         seq.generated.append(token)
-        last = token in self.eos or len(seq.generated) >= seq.sampling.max_tokens
-        if token in self.eos:
+        eos = token in self.eos and not seq.sampling.ignore_eos
+        last = eos or len(seq.generated) >= seq.sampling.max_tokens
+        if eos:
             seq.reason = "stop"
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         found = [i for i in (text.find(s) for s in seq.sampling.stop if s) if i >= 0]
