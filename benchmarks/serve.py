@@ -315,39 +315,50 @@ def metric(url: str, name: str, label: str = "") -> float:
 
 
 def cold_load(model_dir: Path, adapters: Path, names: list[str], prompt: str, tokens: int, log) -> dict[str, Any]:
-    """8 streams on resident adapters; meanwhile a cold adapter is asked for, 5 times (each evicted again):
-    its load time, and the longest gap of the running streams around it against their median gap."""
+    """8 streams on resident adapters; meanwhile one request on a resident adapter (warm), then one on a cold
+    adapter, 5 times (each cold one evicted again by the next): the cold load time, and the longest gap of
+    the running streams during each request against their median gap. A warm request's gap holds the
+    step of its own prompt's prefill; what a cold one adds beyond it is the stall its load caused."""
     server = lorakit_server(model_dir, adapters, max_loaded=9)
     try:
         async def go():
             async with httpx.AsyncClient(timeout=1800) as client:
                 for n in names[:8]:  # resident first
                     await one(client, server.url, n, "warm", 1, False)
-                loads, stalls = [], []
+                loads, rounds = [], []
                 for i in range(5):
                     streams = [asyncio.create_task(one(client, server.url, names[k], prompt, tokens, True))
                                for k in range(8)]
                     while (await client.get(server.url + "/health")).json()["running"] < 8:
                         await asyncio.sleep(0.01)  # until all 8 decode
-                    before = metric(server.url, "lorakit_adapter_load_seconds_sum", f'adapter="{names[8 + i]}"')
-                    t0 = time.perf_counter()
-                    await one(client, server.url, names[8 + i], "cold", 1, False)
-                    t1 = time.perf_counter()
+                    spans = []
+                    for name in (names[i], names[8 + i]):  # warm, then cold
+                        before = metric(server.url, "lorakit_adapter_load_seconds_sum", f'adapter="{name}"')
+                        t0 = time.perf_counter()
+                        await one(client, server.url, name, "cold", 1, False)
+                        spans.append((t0, time.perf_counter()))
+                        await asyncio.sleep(0.3)
                     loads.append(metric(server.url, "lorakit_adapter_load_seconds_sum", f'adapter="{names[8 + i]}"')
                                  - before)
                     done = await asyncio.gather(*streams)
-                    gaps = [g for r in done for g in r["gaps"]]
                     marks = sorted(t for r in done for t in accumulate(r))
-                    during = [b - a for a, b in zip(marks, marks[1:]) if a < t1 and b > t0]
-                    stalls.append((max(during) if during else 0.0, statistics.median(gaps)))
-                    log(f"cold load {i}: {loads[-1] * 1000:.0f} ms; longest gap meanwhile {stalls[-1][0] * 1000:.0f} ms, "
-                        f"median gap {stalls[-1][1] * 1000:.0f} ms")
-                return loads, stalls
-        loads, stalls = asyncio.run(go())
+
+                    def longest(t0: float, t1: float) -> float:
+                        return max([b - a for a, b in zip(marks, marks[1:]) if a < t1 and b > t0], default=0.0)
+
+                    rounds.append((longest(*spans[0]), longest(*spans[1]),
+                                   statistics.median(g for r in done for g in r["gaps"])))
+                    log(f"cold load {i}: {loads[-1] * 1000:.0f} ms; longest gap during a warm request "
+                        f"{rounds[-1][0] * 1000:.0f} ms, during the cold one {rounds[-1][1] * 1000:.0f} ms, "
+                        f"median gap {rounds[-1][2] * 1000:.0f} ms")
+                return loads, rounds
+        loads, rounds = asyncio.run(go())
     finally:
         server.stop()
     return {"load_ms_p50": 1000 * statistics.median(loads), "loads_ms": [1000 * x for x in loads],
-            "stall_ms_max": 1000 * max(s for s, _ in stalls), "step_ms_median": 1000 * statistics.median(m for _, m in stalls)}
+            "warm_gaps_ms": [1000 * w for w, _, _ in rounds], "cold_gaps_ms": [1000 * c for _, c, _ in rounds],
+            "stall_ms_max": 1000 * max(c - w for w, c, _ in rounds),
+            "step_ms_median": 1000 * statistics.median(m for _, _, m in rounds)}
 
 
 def accumulate(r: dict) -> list[float]:
@@ -394,9 +405,9 @@ def section(raw: dict[str, Any]) -> str:
     if cold:
         lines.append(f"| cold load ≤ 100 ms (p50 of 5, while 8 streams run) | {cold['load_ms_p50']:.0f} ms | "
                      f"{'yes' if cold['load_ms_p50'] <= 100 else '**no**'} |")
-        lines.append(f"| streams stalled ≤ one step meanwhile (longest gap vs median gap) | "
-                     f"{cold['stall_ms_max']:.0f} ms vs {cold['step_ms_median']:.0f} ms | "
-                     f"{'yes' if cold['stall_ms_max'] <= 2 * cold['step_ms_median'] else '**no**'} |")
+        lines.append(f"| streams stalled ≤ one step by the load (longest gap during a cold request less that during a "
+                     f"warm one, worst of 5, vs the median gap) | {cold['stall_ms_max']:.0f} ms vs "
+                     f"{cold['step_ms_median']:.0f} ms | {'yes' if cold['stall_ms_max'] <= cold['step_ms_median'] else '**no**'} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -431,3 +431,44 @@ def test_a_file_whose_layers_overlap_its_modules_to_save_is_refused(minilm, tmp_
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.warns(UnverifiedBase):
         assert_refused(copy.deepcopy(base), path, f"modules_to_save '{inner}' contains the LoRA target '{inner}.query'")
+
+
+def test_prepare_changes_nothing_and_attach_equals_load(minilm, tmp_path):
+    """prepare_adapter checks and builds without touching the model; attach_adapter then gives exactly what
+    load_adapter gives (and differs from the base), with the adapter frozen."""
+    from lorakit.files import attach_adapter, prepare_adapter, read_adapter
+
+    base, model = trained_minilm(minilm, modules_to_save=["classifier"])
+    lorakit.save_adapter(model, path := tmp_path / "a", print_fn=lambda s: None)
+    loaded = copy.deepcopy(base)
+    lorakit.load_adapter(loaded, path)
+    fresh = copy.deepcopy(base)
+    state = plain_state(fresh)
+    prepared = prepare_adapter(fresh, read_adapter(path), "a")
+    assert_untouched(fresh, state)
+    attach_adapter(fresh, prepared)
+    out = fresh(TOKENS).logits
+    assert torch.equal(out, loaded(TOKENS).logits) and not torch.allclose(out, base(TOKENS).logits)
+    assert lorakit.active_adapter(fresh) == "a" and not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_attach_refuses_a_taken_name_or_a_replaced_module_and_changes_nothing(minilm, tmp_path):
+    from lorakit.files import attach_adapter, prepare_adapter, read_adapter
+
+    base, model = trained_minilm(minilm)
+    lorakit.save_adapter(model, path := tmp_path / "a", print_fn=lambda s: None)
+    fresh = copy.deepcopy(base)
+    first, second = (prepare_adapter(fresh, read_adapter(path), "a") for _ in range(2))
+    attach_adapter(fresh, first)
+    state = plain_state(fresh)
+    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
+        attach_adapter(fresh, second)
+    assert plain_state(fresh).keys() == state.keys()
+    other = copy.deepcopy(base)
+    prepared = prepare_adapter(other, read_adapter(path), "b")
+    layer = "bert.encoder.layer.0.attention.self.query"
+    parent, child = layer.rsplit(".", 1)
+    setattr(other.get_submodule(parent), child, torch.nn.Linear(384, 384))
+    with pytest.raises(ValueError, match="was replaced after adapter 'b' was prepared"):
+        attach_adapter(other, prepared)
+    assert not any(isinstance(m, LoraLayer) for m in other.modules())

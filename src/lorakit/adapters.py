@@ -19,9 +19,26 @@ from . import mixed
 from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule
 
 
+def outside_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` and its modules, not descending into adapters (each holder's `adapters`): the base model's
+    modules, the LoRA layers and the modules_to_save holders — a walk that stays short however many
+    adapters the model holds."""
+    yield model
+    for key, child in model.named_children():
+        if not (key == "adapters" and isinstance(model, (LoraLayer, SavedModule))):
+            yield from outside_adapters(child)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter outside the adapters; the adapters keep their state."""
+    for m in outside_adapters(model):
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+
+
 def holders(model: nn.Module) -> list[LoraLayer | SavedModule]:
     """Every module of `model` that holds adapters: LoRA layers and modules_to_save copies."""
-    return [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
+    return [m for m in outside_adapters(model) if isinstance(m, (LoraLayer, SavedModule))]
 
 
 def check_name(name: object) -> None:

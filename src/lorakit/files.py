@@ -24,6 +24,8 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from . import atomic, tensorfile
-from .adapters import check_name, holders, list_adapters
+from .adapters import check_name, freeze_base, holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
-from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of, kind_of
+from .layers import (Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, adapter_dtype, base_of,
+                     kind_of)
 from .quant import dequantize, is_quantized, nf4_roundtrip
 from .targets import check_slices, matches_suffix
 
@@ -399,6 +402,14 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
 # ---------------------------------------------------------------- read
 
 
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every value of every tensor is finite: a few whole-batch ops (one per dtype), not one per tensor."""
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(group)).all()) for group in groups.values())
+
+
 def read_adapter(directory: str | os.PathLike) -> AdapterSpec:
     """Read an adapter directory (lorakit or PEFT format) without touching any model.
 
@@ -438,8 +449,9 @@ def read_adapter(directory: str | os.PathLike) -> AdapterSpec:
     for key, t in tensors.items():
         if t.dtype not in tensorfile.FLOAT_DTYPES:
             raise AdapterFileError(f"{weights_path}: tensor {key!r} is {t.dtype}; adapter tensors are floating point")
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterFileError(f"{weights_path}: tensor {key!r} holds non-finite values (NaN or infinity)")
+    if not all_finite(tensors.values()):
+        key = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+        raise AdapterFileError(f"{weights_path}: tensor {key!r} holds non-finite values (NaN or infinity)")
     spec = _parse(config, tensors, meta, config_path)
     recorded = meta.get(SETTINGS_KEY)
     if recorded is None and native and _version(config) >= (1, 1):
@@ -697,31 +709,97 @@ def load_adapter(
 def place_adapter(model: nn.Module, spec: AdapterSpec, name: str, trainable: bool = False, force: bool = False,
                   where: str | os.PathLike = "the adapter") -> list[str]:
     """The second half of `load_adapter`, for an adapter already read (`read_adapter`, which does the file's
-    I/O and integrity checks, can run elsewhere — a server reads on a worker thread and places between
-    steps): check that it fits `model`, then add it as adapter `name`. Returns the adapted layers."""
+    I/O and integrity checks): check that it fits `model`, then add it as adapter `name`
+    (`prepare_adapter`, then `attach_adapter`). Returns the adapted layers."""
     check_name(name)
     if name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
+    return attach_adapter(model, prepare_adapter(model, spec, name, force, where), trainable)
+
+
+def _built(base: nn.Module, config: LoraConfig, slices: Slices | None, weights: tuple[Tensor, Tensor]) -> LoraAdapter:
+    """An adapter for base layer `base` holding `weights` (A, possibly flattened, and B), on the base's device;
+    nothing is initialised."""
+    adapter = LoraAdapter(Geometry.of(base), config, slices, torch.device("meta"))
+    device = None if base.weight.device.type == "meta" else base.weight.device
+    for key, value in zip(("lora_a", "lora_b"), weights):
+        shape = getattr(adapter, key).shape
+        setattr(adapter, key, nn.Parameter(value.detach().reshape(shape).to(device, adapter_dtype(base), copy=True)))
+    return adapter
+
+
+@dataclass
+class Prepared:
+    """An adapter checked against a model and built, holding its file's weights; `attach_adapter` adds it."""
+
+    name: str
+    spec: AdapterSpec
+    plan: Plan
+    built: dict[str, nn.Module]  # module name → its LoraAdapter, or its copy of a saved module
+    bases: dict[str, nn.Module]  # module name → the base module it was checked against
+
+
+def prepare_adapter(model: nn.Module, spec: AdapterSpec, name: str, force: bool = False,
+                    where: str | os.PathLike = "the adapter") -> Prepared:
+    """Everything of `place_adapter` that leaves the model as it is: every check (shapes, the base
+    fingerprint, the surgery plan) and building the adapter's modules with the file's weights, frozen. It
+    only looks modules up by name, so it may run on another thread while the model computes and another
+    thread adds or deletes adapters (a server prepares on a worker thread and attaches between steps)."""
+    check_name(name)
     plan = _check_fits(model, spec, force, Path(where))
     try:
         check_plan(plan, list(spec.saved), model, name)
     except (ValueError, TypeError) as e:
         raise AdapterFileError(f"adapter in {where} cannot be applied: {e}") from None
-    had_active = any(m.active is not None for m in holders(model))
-    apply_plan(model, plan, list(spec.saved), name)
-    _copy_in(model, spec, name)
-    bias_mode = next(iter(spec.layers.values()))[0].bias if spec.layers else "none"
-    freeze(model, name, bias=bias_mode if trainable else "none")
-    for m in holders(model):
-        if not trainable and name in m.adapters:
-            m.adapters[name].requires_grad_(False)
-        if not had_active:
+    built: dict[str, nn.Module] = {}
+    bases: dict[str, nn.Module] = {}
+    for layer_name, (module, config, slices) in plan.items():
+        bases[layer_name] = base_of(module)
+        built[layer_name] = _built(bases[layer_name], config, slices, spec.lora[layer_name])
+    for module_name, state in spec.saved.items():
+        module = model.get_submodule(module_name)
+        bases[module_name] = module.original if isinstance(module, SavedModule) else module
+        built[module_name] = copy = deepcopy(bases[module_name])
+        copy.load_state_dict(state, strict=True)
+    for m in built.values():
+        m.requires_grad_(False)
+    return Prepared(name, spec, plan, built, bases)
+
+
+@torch.no_grad()
+def attach_adapter(model: nn.Module, prepared: Prepared, trainable: bool = False) -> list[str]:
+    """Add a prepared adapter to `model` (the model's modules are changed here, and only here): insert its
+    modules, copy its trained biases, freeze the base (and the adapter unless `trainable`); it becomes
+    active where no adapter was. Refused, with nothing changed, when the name is taken by then or a module
+    it was checked against has been replaced since. Returns the adapted layers."""
+    name, spec = prepared.name, prepared.spec
+    present = holders(model)
+    if any(name in m.adapters for m in present):
+        raise ValueError(f"the model already has an adapter named {name!r}; choose another name or delete it")
+    current = {n: model.get_submodule(n) for n in prepared.bases}
+    for n, module in current.items():
+        now = module.original if isinstance(module, SavedModule) else base_of(module)
+        if now is not prepared.bases[n]:
+            raise ValueError(f"module {n!r} was replaced after adapter {name!r} was prepared; prepare it again")
+    had_active = any(m.active is not None for m in present)
+    plan = {n: (current[n], config, slices) for n, (_, config, slices) in prepared.plan.items()}
+    apply_plan(model, plan, list(spec.saved), name, prepared.built)
+    for module_name, b in spec.biases.items():
+        base_of(model.get_submodule(module_name)).bias.copy_(b)
+    if trainable:
+        bias_mode = next(iter(spec.layers.values()))[0].bias if spec.layers else "none"
+        freeze(model, name, bias=bias_mode)
+    else:
+        freeze_base(model)
+    if not had_active:
+        for m in holders(model):
             m.active = name if name in m.adapters else None
     return list(spec.layers)
 
 
 @torch.no_grad()
 def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
+    """Write an adapter's weights into the modules of loaded adapter `name`, in place."""
     for layer_name, (a, b) in spec.lora.items():
         adapter = model.get_submodule(layer_name).adapters[name]
         adapter.lora_a.copy_(a.view_as(adapter.lora_a))
@@ -729,8 +807,7 @@ def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
     for module_name, state in spec.saved.items():
         model.get_submodule(module_name).adapters[name].load_state_dict(state, strict=True)
     for module_name, b in spec.biases.items():
-        target = model.get_submodule(module_name)
-        base_of(target).bias.copy_(b)
+        base_of(model.get_submodule(module_name)).bias.copy_(b)
 
 
 def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: bool = False) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .adapters import check_name
+from .adapters import check_name, freeze_base, outside_adapters
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of
 from .summary import InjectReport, Replacement
 from .targets import Target, match_suffixes, resolve_targets
@@ -92,17 +92,20 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
     return replaced
 
 
-def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str) -> None:
-    """Carry out a checked plan: wrap or extend each layer, give each saved module a copy."""
+def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str,
+               built: dict[str, nn.Module] | None = None) -> None:
+    """Carry out a checked plan: wrap or extend each layer, give each saved module a copy. `built` may hold,
+    by module name, the adapter (or saved copy) already made for it (`lorakit.files.prepare_adapter`)."""
+    built = built or {}
     for name, (module, config, slices) in plan.items():
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
-        layer.add(adapter, config, slices)
+        layer.add(adapter, config, slices, built.get(name))
         if layer is not module:
             replace_module(model, name, layer)
     for name in saved:
         module = model.get_submodule(name)
         holder = module if isinstance(module, SavedModule) else SavedModule(module)
-        holder.add(adapter)
+        holder.add(adapter, built.get(name))
         if holder is not module:
             replace_module(model, name, holder)
 
@@ -110,20 +113,15 @@ def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str) -> 
 def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> None:
     """Make `adapter` trainable (its A and B and its copies of saved modules, found by type) with
     the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
-    owned: set[int] = set()  # parameters that belong to some adapter
-    for m in model.modules():
-        if isinstance(m, (LoraLayer, SavedModule)):
-            owned.update(id(p) for p in m.adapters.parameters())
-    for p in model.parameters():
-        if id(p) not in owned:
-            p.requires_grad_(False)
-    frozen_originals = {id(p) for m in model.modules() if isinstance(m, SavedModule) for p in m.original.parameters()}
-    adapted = {id(m.base) for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.adapters}
-    for m in model.modules():
+    freeze_base(model)
+    modules = list(outside_adapters(model))
+    frozen_originals = {id(p) for m in modules if isinstance(m, SavedModule) for p in m.original.parameters()}
+    adapted = {id(m.base) for m in modules if isinstance(m, LoraLayer) and adapter in m.adapters}
+    for m in modules:
         if isinstance(m, (LoraLayer, SavedModule)) and adapter in m.adapters:
             m.adapters[adapter].requires_grad_(True)
         b = getattr(m, "bias", None)
-        if not isinstance(b, nn.Parameter) or id(b) in owned or id(b) in frozen_originals:
+        if not isinstance(b, nn.Parameter) or id(b) in frozen_originals:
             continue
         if bias == "all" or (bias == "lora_only" and id(m) in adapted):
             b.requires_grad_(True)

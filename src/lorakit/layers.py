@@ -187,7 +187,8 @@ class LoraAdapter(nn.Module):
         a_shape = (r, geometry.in_features, *geometry.kernel_size) if geometry.kind == "conv2d" else (p * r, geometry.fan_in)
         self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.zeros(sum(sizes), r, device=device, dtype=dtype))
-        self.reset_parameters()
+        if self.lora_a.device.type != "meta":  # meta tensors hold no values to initialise
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -250,6 +251,11 @@ class LoraAdapter(nn.Module):
         return f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
 
 
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters keep fp32 (fp64 beside an fp64 base) whatever the base's precision."""
+    return torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+
+
 class LoraLayer(nn.Module):
     """A frozen base layer and its named adapters; the active one adds its update to the output.
 
@@ -272,13 +278,17 @@ class LoraLayer(nn.Module):
         self.base_sha: str | None = None
         self.train(base.training)
 
-    def add(self, name: str, config: LoraConfig, slices: Slices | None = None) -> LoraAdapter:
+    def add(self, name: str, config: LoraConfig, slices: Slices | None = None,
+            adapter: LoraAdapter | None = None) -> LoraAdapter:
+        """Add adapter `name`: a new one, or `adapter` as built elsewhere (`lorakit.files.prepare_adapter`)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        w = self.base.weight
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        device = None if w.device.type == "meta" else w.device
-        self.adapters[name] = adapter = LoraAdapter(self.geometry, config, slices, device, dtype)
+        if adapter is None:
+            device = None if self.base.weight.device.type == "meta" else self.base.weight.device
+            adapter = LoraAdapter(self.geometry, config, slices, device, adapter_dtype(self.base))
+        elif adapter.geometry != self.geometry:
+            raise ValueError(f"adapter {name!r} was built for a {adapter.geometry}, this layer is a {self.geometry}")
+        self.adapters[name] = adapter
         adapter.train(self.training)
         if self.active is None:
             self.active = name
@@ -350,10 +360,11 @@ class SavedModule(nn.Module):
         self.rows: mixed.Rows | None = None
         self.train(original.training)
 
-    def add(self, name: str) -> nn.Module:
+    def add(self, name: str, copy: nn.Module | None = None) -> nn.Module:
+        """Give adapter `name` its copy of the original: a fresh one, or `copy` as made elsewhere."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        self.adapters[name] = copy = deepcopy(self.original)
+        self.adapters[name] = copy = deepcopy(self.original) if copy is None else copy
         if self.active is None:
             self.active = name
         return copy

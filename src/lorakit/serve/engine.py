@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from .. import mixed
 from ..adapters import holders
-from . import attention
+from .attention import use as use_attention
 from .kv import KV
 
 
@@ -118,9 +118,11 @@ class Engine:
         self.slots: mixed.Slots | None = None
         self.steps = 0
         self.on_step: Callable[[Engine], None] | None = None  # after each step (metrics)
-        self.restore_attention = attention.use(model)
+        self.restore_attention = use_attention(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head_hook = head.register_forward_pre_hook(_dense_input) if isinstance(head, nn.Module) else None
+        self.threads = torch.get_num_threads()
+        self.asides = 0  # CPU-heavy work in flight on other threads (`aside()`)
         self.deadline: float | None = None  # after stop: when the sequences still in flight are cancelled
         self.cut_short = False  # a stop's deadline cancelled sequences in flight
         self.thread = threading.Thread(target=self.loop, name="lorakit-engine", daemon=True) if thread else None
@@ -145,6 +147,19 @@ class Engine:
             self.jobs.append((fn, future))
             self.wake.notify()
         return future
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Around CPU-heavy work on another thread (reading an adapter file): on a CPU the engine steps with one
+        thread fewer meanwhile, so that the two do not contend for the same cores (which would stall every
+        stream far longer than the step lost)."""
+        with self.wake:
+            self.asides += 1
+        try:
+            yield
+        finally:
+            with self.wake:
+                self.asides -= 1
 
     def adapters_changed(self) -> None:
         """The set of adapters on the model changed (call from the engine's thread, in a `call`)."""
@@ -190,6 +205,7 @@ class Engine:
                 jobs = list(self.jobs)
                 self.jobs.clear()
                 if self.stopping and not jobs and not self.busy():
+                    torch.set_num_threads(self.threads)
                     return
             for fn, future in jobs:
                 if future.set_running_or_notify_cancel():
@@ -201,6 +217,10 @@ class Engine:
                 self.cut_short = True
                 for seq in list(self.waiting) + list(self.running):
                     seq.cancelled.set()
+            if self.device.type == "cpu":
+                threads = max(1, self.threads - 1) if self.asides else self.threads
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
             try:
                 with torch.no_grad():
                     self._prefill()

@@ -1,9 +1,9 @@
 """Adapters by name: registered on disk (any number), resident on the model (at most `max_loaded`).
 
-A request names an adapter; `acquire` makes it resident and holds it until `release`. A cold adapter is read
-and verified (`lorakit.files.read_adapter`: the file's I/O, hashes, tensors) on a worker thread while the
-engine keeps stepping, and placed on the model (the fit and base checks, a copy of its tensors) by the
-engine between two steps; concurrent requests for it share one load. When more than `max_loaded` would be
+A request names an adapter; `acquire` makes it resident and holds it until `release`. A cold adapter's files are
+read and verified (`read_adapter`) on a worker thread while the engine keeps stepping (`Engine.aside`);
+between two steps the engine checks it against the base, builds and attaches it (`prepare_adapter`,
+`attach_adapter`: a few tens of milliseconds); concurrent requests for it share one load. When more than `max_loaded` would be
 resident, the least recently used adapter that no request holds and that is not pinned is evicted; it
 reloads on its next request. A folder added under `adapter_dir` later is found on the first request for it.
 """
@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..adapters import delete_adapter, holders
-from ..files import AdapterFileError, CONFIG_NAME, place_adapter, read_adapter
+from ..files import AdapterFileError, AdapterSpec, CONFIG_NAME, attach_adapter, prepare_adapter, read_adapter
 from .engine import Engine
 
 
@@ -56,7 +58,9 @@ class Registry:
         self.resident: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
         self.loading: dict[str, asyncio.Future] = {}
         self.lock = threading.Lock()
-        self.reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-read")
+        # Readers run torch ops single-threaded: a second OpenMP team beside the engine's slows every later step.
+        self.reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-read",
+                                         initializer=torch.set_num_threads, initargs=(1,))
         self.events = events or (lambda kind, name, seconds: None)  # ("load" | "evict", name, seconds)
 
     # ------------------------------------------------------------ what is registered
@@ -125,18 +129,18 @@ class Registry:
         start = time.perf_counter()
         folder = self.path(name)
         loop = asyncio.get_running_loop()
-        spec = await loop.run_in_executor(self.reader, read_adapter, folder)
-        size = sum(t.numel() * t.element_size() for pair in spec.lora.values() for t in pair) + \
-            sum(t.numel() * t.element_size() for state in spec.saved.values() for t in state.values())
-        future = self.engine.call(lambda: self._place(name, spec, folder))
-        await asyncio.wrap_future(future)
+        with self.engine.aside():
+            spec = await loop.run_in_executor(self.reader, read_adapter, folder)
+        size = await asyncio.wrap_future(self.engine.call(lambda: self._place(name, spec, folder)))
         with self.lock:
             self.resident[name] = Loaded(bytes=size)
         self.events("load", name, time.perf_counter() - start)
 
-    def _place(self, name: str, spec, folder: Path) -> None:
-        """On the engine's thread: make room, then put the adapter on the model."""
+    def _place(self, name: str, spec: AdapterSpec, folder: Path) -> int:
+        """On the engine's thread, between two steps: check the adapter against the model and build it, make
+        room, attach it. Returns its bytes."""
         model = self.engine.model
+        prepared = prepare_adapter(model, spec, name, where=folder)
         with self.lock:  # victims leave `resident` at once, so no request takes one while it goes
             over = len(self.resident) + 1 - self.max_loaded
             victims = [n for n, r in self.resident.items() if r.holds == 0 and not r.pinned][:max(0, over)]
@@ -147,10 +151,11 @@ class Registry:
                 self.resident.pop(victim)
         for victim in victims:
             self._evict(victim)
-        place_adapter(model, spec, name, where=folder)
+        attach_adapter(model, prepared)
         for m in holders(model):  # the engine chooses adapters per row; none is "active"
             m.active = None
         self.engine.adapters_changed()
+        return sum(t.numel() * t.element_size() for m in prepared.built.values() for t in m.parameters())
 
     def _evict(self, name: str) -> None:
         delete_adapter(self.engine.model, name)
