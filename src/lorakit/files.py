@@ -642,14 +642,13 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
             geometry = Geometry.of(base)
             if slices is not None:
                 check_slices(slices, geometry.out_features, name)
-            expected = LoraAdapter(geometry, config, slices, device="meta")
+            expected = LoraAdapter.shapes(geometry, config, slices)
         except (TypeError, ValueError) as e:
             problems.append(f"{name}: {e}")
             continue
-        a, b = spec.lora[name]
-        for key, got, want in (("lora_a", a, expected.lora_a), ("lora_b", b, expected.lora_b)):
-            if tuple(got.shape) != tuple(want.shape):
-                problems.append(f"{name}.{key} has shape {tuple(got.shape)} in the file but {tuple(want.shape)} here")
+        for key, got, want in zip(("lora_a", "lora_b"), spec.lora[name], expected):
+            if tuple(got.shape) != tuple(want):
+                problems.append(f"{name}.{key} has shape {tuple(got.shape)} in the file but {tuple(want)} here")
         plan[name] = (module, config, slices)
     for module_name, state in spec.saved.items():
         if (module := find(module_name, "module (modules_to_save)")) is None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 from torch import nn
@@ -82,9 +83,10 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
         if isinstance(module, LoraLayer) and adapter in module.adapters:
             raise ValueError(f"module {name!r} is already a LoRA layer with adapter {adapter!r} (adapters: "
                              f"{', '.join(module.adapters)}); use another adapter name or merge_and_unload first")
-        a = LoraAdapter(Geometry.of(base_of(module)), config, slices, device="meta")
-        replaced.append(Replacement(name, a.geometry.kind, a.geometry.in_features, a.geometry.out_features,
-                                    sum(p.numel() for p in a.parameters()), a.slices))
+        g = Geometry.of(base_of(module))
+        a_shape, b_shape = LoraAdapter.shapes(g, config, slices)
+        replaced.append(Replacement(name, g.kind, g.in_features, g.out_features,
+                                    math.prod(a_shape) + math.prod(b_shape), slices))
     for name in saved:
         module = model.get_submodule(name)
         if isinstance(module, SavedModule) and adapter in module.adapters:
@@ -92,8 +94,7 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
     return replaced
 
 
-def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str,
-               built: dict[str, nn.Module] | None = None) -> None:
+def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str, built: dict | None = None) -> None:
     """Carry out a checked plan: wrap or extend each layer, give each saved module a copy. `built` may hold,
     by module name, the adapter (or saved copy) already made for it (`lorakit.files.prepare_adapter`)."""
     built = built or {}

@@ -10,8 +10,7 @@ by composition; what differs between them is captured by a `Geometry`. A bitsand
 `Linear4bit` (QLoRA's NF4 base, see quant.py) is a Linear here too: it computes W0·x itself, and only
 merging has to dequantize and re-quantize its weight.
 
-This file is the idea; how fast the update is computed lives beside it (fused.py: training and inference
-kernels; mixed.py: one adapter per row of a batch).
+This file is the idea; how fast it runs lives beside it (fused.py: kernels; mixed.py: an adapter per row).
 
 A fused projection (GPT-2's `c_attn` computes q, k and v with one 768→2304 weight) can be adapted
 on some output slices only: each slice gets its own rank-r pair (A_i, B_i). The A_i are stacked
@@ -173,22 +172,26 @@ class LoraAdapter(nn.Module):
     def __init__(self, geometry: Geometry, config: LoraConfig, slices: Slices | None = None,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        a_shape, b_shape = self.shapes(geometry, config, slices)
+        self.geometry, self.config, self.slices = geometry, config, slices
+        self.scale = config.scale
+        self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        if self.lora_a.device.type != "meta":  # meta tensors hold no values to initialise
+            self.reset_parameters()
+
+    @staticmethod
+    def shapes(geometry: Geometry, config: LoraConfig, slices: Slices | None = None) -> tuple[tuple, tuple]:
+        """A's and B's shapes on this base; TypeError or ValueError where such an adapter cannot be."""
         if slices is not None and geometry.kind not in ("linear", "conv1d"):
             raise TypeError(f"output slices need a Linear or Conv1D base, got {geometry.kind}")
         assert slices is None or all(0 <= a < b <= geometry.out_features for a, b in slices), slices
         sizes = [geometry.out_features] if slices is None else [stop - start for start, stop in slices]
-        limit = min(geometry.fan_in, min(sizes))
-        if config.r > limit:
+        if config.r > (limit := min(geometry.fan_in, min(sizes))):
             raise ValueError(f"r={config.r} exceeds min(in, out)={limit} of this {geometry.kind} layer "
                              f"(in={geometry.fan_in}, out={min(sizes)})")
-        self.geometry, self.config, self.slices = geometry, config, slices
-        self.scale = config.scale
-        r, p = config.r, len(sizes)
-        a_shape = (r, geometry.in_features, *geometry.kernel_size) if geometry.kind == "conv2d" else (p * r, geometry.fan_in)
-        self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
-        self.lora_b = nn.Parameter(torch.zeros(sum(sizes), r, device=device, dtype=dtype))
-        if self.lora_a.device.type != "meta":  # meta tensors hold no values to initialise
-            self.reset_parameters()
+        r, g = config.r, geometry
+        return ((r, g.in_features, *g.kernel_size) if g.kind == "conv2d" else (len(sizes) * r, g.fan_in)), (sum(sizes), r)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
