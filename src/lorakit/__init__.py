@@ -4,7 +4,9 @@ from .adapters import (
     active_adapter, combine_adapters, delete_adapter, disable_adapters, enable_adapters, list_adapters, lora_layers,
     mixed_batch, set_adapter,
 )
-from .files import AdapterFileError, fingerprint, hot_swap, load_adapter, read_adapter, save_adapter
+from .files import (
+    AdapterFileError, attach_adapter, fingerprint, hot_swap, load_adapter, prepare_adapter, read_adapter, save_adapter,
+)
 from .fused import FastDropout, fast_dropout
 from .inject import InjectReport, Replacement, freeze, inject, replace_module
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, is_hf_conv1d, kind_of
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError", "SavedModule", "active_adapter", "combine_adapters", "delete_adapter",
     "disable_adapters", "enable_adapters", "fast_dropout", "fingerprint", "hot_swap", "list_adapters", "load_adapter",
-    "mixed_batch", "read_adapter", "save_adapter", "set_adapter",
+    "mixed_batch", "read_adapter", "prepare_adapter", "attach_adapter", "save_adapter", "set_adapter",
     "FastDropout", "Geometry", "InjectReport", "LoraAdapter", "LoraConfig", "LoraLayer", "Replacement", "Summary",
     "freeze", "inject", "is_hf_conv1d", "kind_of", "lora_layers", "merge", "merge_and_unload",
     "output_head", "replace_module", "resolve_targets", "summary", "unmerge",
