@@ -421,6 +421,7 @@ def test_resume_applies_the_settings_that_may_change_and_records_them(reviews, t
 def test_weights_that_turn_non_finite_are_never_checkpointed(reviews, tiny_bert, tmp_path, capsys, monkeypatch):
     """A step that leaves a weight infinite (its loss was still finite) stops the run at the next checkpoint,
     which is not written: the checkpoint on disk is the last one whose weights are all finite."""
+    from lorakit import tensorfile
     from lorakit.train import checkpoint
 
     step = torch.optim.AdamW.step
@@ -441,7 +442,7 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(reviews, tiny_bert,
     assert "became non-finite by step 6" in err and "the last checkpoint, all of whose weights are finite, is from step 4" in err
     assert "lorakit train --resume --out" in err and "--train.lr 0.001" in err
     state, weights, _ = checkpoint.read(run / "checkpoint")
-    assert state["progress"]["step"] == 4 and checkpoint.first_non_finite(weights) is None
+    assert state["progress"]["step"] == 4 and tensorfile.first_non_finite(weights) is None
 
 
 def test_metrics_are_strict_json_when_a_metric_is_not_finite(reviews, tiny_bert, tmp_path, capsys, monkeypatch):

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from . import atomic, tensorfile
 from .adapters import check_name, freeze_base, holders, list_adapters
 from .inject import Plan, apply_plan, check_plan, freeze
-from .layers import (Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, adapter_dtype, base_of,
+from .layers import (Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, adapter_home, base_of,
                      kind_of)
 from .quant import dequantize, is_quantized, nf4_roundtrip
 from .targets import check_slices, matches_suffix
@@ -402,14 +401,6 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
 # ---------------------------------------------------------------- read
 
 
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every value of every tensor is finite: a few whole-batch ops (one per dtype), not one per tensor."""
-    groups: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t.reshape(-1))
-    return all(bool(torch.isfinite(torch.cat(group)).all()) for group in groups.values())
-
-
 def read_adapter(directory: str | os.PathLike) -> AdapterSpec:
     """Read an adapter directory (lorakit or PEFT format) without touching any model.
 
@@ -449,8 +440,7 @@ def read_adapter(directory: str | os.PathLike) -> AdapterSpec:
     for key, t in tensors.items():
         if t.dtype not in tensorfile.FLOAT_DTYPES:
             raise AdapterFileError(f"{weights_path}: tensor {key!r} is {t.dtype}; adapter tensors are floating point")
-    if not all_finite(tensors.values()):
-        key = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if (key := tensorfile.first_non_finite(tensors)) is not None:
         raise AdapterFileError(f"{weights_path}: tensor {key!r} holds non-finite values (NaN or infinity)")
     spec = _parse(config, tensors, meta, config_path)
     recorded = meta.get(SETTINGS_KEY)
@@ -720,10 +710,10 @@ def _built(base: nn.Module, config: LoraConfig, slices: Slices | None, weights: 
     """An adapter for base layer `base` holding `weights` (A, possibly flattened, and B), on the base's device;
     nothing is initialised."""
     adapter = LoraAdapter(Geometry.of(base), config, slices, torch.device("meta"))
-    device = None if base.weight.device.type == "meta" else base.weight.device
+    device, dtype = adapter_home(base)
     for key, value in zip(("lora_a", "lora_b"), weights):
         shape = getattr(adapter, key).shape
-        setattr(adapter, key, nn.Parameter(value.detach().reshape(shape).to(device, adapter_dtype(base), copy=True)))
+        setattr(adapter, key, nn.Parameter(value.detach().reshape(shape).to(device, dtype, copy=True)))
     return adapter
 
 
@@ -743,7 +733,7 @@ def prepare_adapter(model: nn.Module, spec: AdapterSpec, name: str, force: bool 
     """Everything of `place_adapter` that leaves the model as it is: every check (shapes, the base
     fingerprint, the surgery plan) and building the adapter's modules with the file's weights, frozen. It
     only looks modules up by name, so it may run on another thread while the model computes and another
-    thread adds or deletes adapters (a server prepares on a worker thread and attaches between steps)."""
+    thread adds or deletes adapters; `attach_adapter` then changes the model in a few milliseconds."""
     check_name(name)
     plan = _check_fits(model, spec, force, Path(where))
     try:

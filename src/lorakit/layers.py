@@ -254,9 +254,10 @@ class LoraAdapter(nn.Module):
         return f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
 
 
-def adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters keep fp32 (fp64 beside an fp64 base) whatever the base's precision."""
-    return torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+def adapter_home(base: nn.Module) -> tuple[torch.device | None, torch.dtype]:
+    """Where a base layer's adapters live: its device (None for a meta base), in fp32 (fp64 beside fp64)."""
+    device = base.weight.device
+    return (None if device.type == "meta" else device), torch.promote_types(base.weight.dtype, torch.float32)
 
 
 class LoraLayer(nn.Module):
@@ -287,8 +288,7 @@ class LoraLayer(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if adapter is None:
-            device = None if self.base.weight.device.type == "meta" else self.base.weight.device
-            adapter = LoraAdapter(self.geometry, config, slices, device, adapter_dtype(self.base))
+            adapter = LoraAdapter(self.geometry, config, slices, *adapter_home(self.base))
         elif adapter.geometry != self.geometry:
             raise ValueError(f"adapter {name!r} was built for a {adapter.geometry}, this layer is a {self.geometry}")
         self.adapters[name] = adapter

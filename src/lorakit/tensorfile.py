@@ -27,6 +27,18 @@ class TensorFileError(ValueError):
     """A safetensors file that is truncated, corrupt, or whose tensors do not match its checksum."""
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None: one check over all
+    the tensors of a dtype at once, then tensor by tensor only to name the culprit."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            groups.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(group)).all()) for group in groups.values()):
+        return None
+    return next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):

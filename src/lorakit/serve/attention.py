@@ -4,8 +4,8 @@ A decode step asks attention for one query position per row against the whole KV
 `scaled_dot_product_attention` runs that shape in bf16 about 9× slower than two matmuls and a softmax (1.1 ms
 against 0.12 ms per layer for 16 rows over 200 cached positions), a third of a SmolLM2 decode step. So the engine
 registers this function with transformers under the name "lorakit" (with sdpa's mask) and switches a model
-using sdpa to it while it serves: one query position on a CPU takes the matmul path, with the softmax in fp32 (at least);
-everything else goes to transformers' own sdpa function unchanged.
+using sdpa to it while it serves: one query position on a CPU takes the matmul path, with the softmax in
+fp32 (at least); everything else goes to transformers' own sdpa function unchanged.
 """
 
 from __future__ import annotations

@@ -95,8 +95,9 @@ class Stopping(Exception):
 
 class Engine:
     """Runs `model` (a causal LM with any adapters loaded) on its own thread (thread=False: on the thread that
-    calls `loop`). `submit` a Sequence; `call` a function to run on the engine's thread between steps. max_batch: sequences decoded together; max_queue:
-    sequences waiting to start; chunk: prompt tokens prefilled per step."""
+    calls `loop`). `submit` a Sequence; `call` a function to run on the engine's thread between steps.
+    max_batch: sequences decoded together; max_queue: sequences waiting to start; chunk: prompt tokens
+    prefilled per step."""
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64, chunk: int = 128,
                  thread: bool = True) -> None:

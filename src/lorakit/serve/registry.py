@@ -1,11 +1,12 @@
 """Adapters by name: registered on disk (any number), resident on the model (at most `max_loaded`).
 
-A request names an adapter; `acquire` makes it resident and holds it until `release`. A cold adapter's files are
-read and verified (`read_adapter`) on a worker thread while the engine keeps stepping (`Engine.aside`);
-between two steps the engine checks it against the base, builds and attaches it (`prepare_adapter`,
-`attach_adapter`: a few tens of milliseconds); concurrent requests for it share one load. When more than `max_loaded` would be
-resident, the least recently used adapter that no request holds and that is not pinned is evicted; it
-reloads on its next request. A folder added under `adapter_dir` later is found on the first request for it.
+A request names an adapter; `acquire` makes it resident and holds it until `release`. A cold adapter's
+files are read and verified (`read_adapter`) on a worker thread while the engine keeps stepping
+(`Engine.aside`); between two steps the engine checks it against the base, builds and attaches it
+(`prepare_adapter`, `attach_adapter`: a few tens of milliseconds); concurrent requests for it share one
+load. When more than `max_loaded` would be resident, the least recently used adapter that no request holds
+and that is not pinned is evicted; it reloads on its next request. A folder added under `adapter_dir` later
+is found on the first request for it.
 """
 
 from __future__ import annotations

@@ -57,10 +57,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    return next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-
-
 def save(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
          progress: dict[str, Any], rng: list[torch.Tensor], write: bool = True) -> None:
     """progress: JSON-able (epoch, next batch, step, best metric, ...); rng: torch's CPU RNG state of
@@ -70,7 +66,7 @@ def save(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     with torch.no_grad():
         tensors = {f"{i}.{k}": full_tensor(v) for i, st in opt["state"].items() for k, v in st.items()}
     weights = trainable_state(model)
-    bad = first_non_finite(weights)
+    bad = tensorfile.first_non_finite(weights)
     if bad is not None:
         raise NonFiniteWeights(bad)
     if not write:

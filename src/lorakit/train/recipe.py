@@ -268,7 +268,7 @@ class RunHooks(Hooks):
         if improved:
             state.best = val[key]
             weights = checkpoint.trainable_state(self.model)  # on every rank: under FSDP this gathers the shards
-            bad = checkpoint.first_non_finite(weights)
+            bad = tensorfile.first_non_finite(weights)
             if bad is not None:
                 raise self.diverged(state, f"weight {bad} became non-finite by step {state.step}")
             if self.dist.main:
