@@ -177,7 +177,10 @@ def peft_server(model_dir: Path, adapters: Path, names: list[str], mode: str, bf
 
 def run_peft_server(args) -> None:
     """The server a PEFT user would write: FastAPI, a PeftModel holding the adapters; `serial` answers one
-    request at a time (set_adapter + generate), `batched` gathers up to 16 and runs generate(adapter_names=)."""
+    request at a time (set_adapter + generate), `batched` gathers up to 16 and runs generate(adapter_names=).
+    As in lorakit's server, generation runs on the main thread (which loaded the model: on a CPU torch runs
+    fastest there) and uvicorn on another."""
+    import queue
     import threading
 
     import uvicorn
@@ -194,29 +197,15 @@ def run_peft_server(args) -> None:
     for name in names[1:]:
         model.load_adapter(Path(args.adapters) / name, adapter_name=name)
     model.eval()
-    lock, pending, wake = threading.Lock(), [], threading.Condition()
+    jobs: queue.Queue = queue.Queue()  # (prompt, adapter, max_tokens, answer: [text], done: Event)
     app = FastAPI()
 
-    def generate(batch: list[tuple[str, str, int]], **kw) -> list[str]:
-        enc = tokenizer([p for p, _, _ in batch], return_tensors="pt", padding=True)
+    def generate(batch: list[tuple], **kw) -> list[str]:
+        enc = tokenizer([job[0] for job in batch], return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=batch[0][2], min_new_tokens=batch[0][2], do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, **kw)
         return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    def batcher() -> None:
-        while True:
-            with wake:
-                while not pending:
-                    wake.wait()
-                wake.wait(timeout=0.05)  # let a batch gather
-                batch, pending[:] = pending[:16], pending[16:]
-            texts = generate([(p, n, m) for p, n, m, _ in batch], adapter_names=[n for _, n, _, _ in batch])
-            for (_, _, _, done), text in zip(batch, texts):
-                done.append(text)
-
-    if args.peft_server == "batched":
-        threading.Thread(target=batcher, daemon=True).start()
 
     @app.get("/health")
     def health():
@@ -224,22 +213,26 @@ def run_peft_server(args) -> None:
 
     @app.post("/v1/completions")
     def completions(body: dict) -> dict:
-        prompt, name, max_tokens = body["prompt"], body["model"], body["max_tokens"]
-        if args.peft_server == "serial":
-            with lock:
-                model.set_adapter(name)
-                text = generate([(prompt, name, max_tokens)])[0]
-        else:
-            done: list[str] = []
-            with wake:
-                pending.append((prompt, name, max_tokens, done))
-                wake.notify()
-            while not done:
-                time.sleep(0.005)
-            text = done[0]
-        return {"choices": [{"text": text}], "usage": {"completion_tokens": max_tokens}}
+        answer, done = [], threading.Event()
+        jobs.put((body["prompt"], body["model"], body["max_tokens"], answer, done))
+        done.wait()
+        return {"choices": [{"text": answer[0]}], "usage": {"completion_tokens": body["max_tokens"]}}
 
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    threading.Thread(target=uvicorn.run, args=(app,), kwargs={"host": "127.0.0.1", "port": args.port,
+                     "log_level": "warning"}, daemon=True).start()
+    while True:
+        batch = [jobs.get()]
+        if args.peft_server == "serial":
+            model.set_adapter(batch[0][1])
+            texts = generate(batch)
+        else:
+            time.sleep(0.05)  # let a batch gather
+            while len(batch) < 16 and not jobs.empty():
+                batch.append(jobs.get())
+            texts = generate(batch, adapter_names=[job[1] for job in batch])
+        for job, text in zip(batch, texts):
+            job[3].append(text)
+            job[4].set()
 
 
 # ---------------------------------------------------------------- load
