@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/lorakit train --overwrite
 
+# The model page's tests open it in a real Chromium; where it cannot be installed they skip, saying why.
 test: $(STAMP)
+	command -v chromedriver >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); { $$S apt-get update -qq && $$S apt-get install -y -qq chromium chromium-driver; } || echo "lorakit: could not install chromium; the browser tests will skip"; }
 	$(PY) -m pytest -q -m "not slow"
 
 # Speed and memory of lorakit against HF PEFT and the floor (benchmarks/perf.py, ~10 min on 2 CPU cores):

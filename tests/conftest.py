@@ -134,3 +134,39 @@ def reviews(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, minilm_dir):
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_dir)
+
+
+def hook_shapes(model: nn.Module, example) -> dict[str, list[tuple[set, set]]]:
+    """Independently of the tracer: every module call's (input shapes, output shapes), by forward hooks."""
+    calls: dict[str, list[tuple[set, set]]] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, dict):
+            return [t for v in x.values() for t in tensors(v)]
+        if isinstance(x, (tuple, list)):
+            return [t for v in x for t in tensors(v)]
+        return [t for v in getattr(x, "__dict__", {}).values() for t in tensors(v)] if hasattr(x, "to_tuple") else []
+
+    def hook(m, args, kwargs, out):
+        ins = {tuple(t.shape) for t in tensors(args) + tensors(kwargs)}
+        calls.setdefault(names[m], []).append((ins, {tuple(t.shape) for t in tensors(out)}))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**example) if isinstance(example, dict) else model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def bert_example(vocab: int = 1000, length: int = 10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

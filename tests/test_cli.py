@@ -73,7 +73,26 @@ def test_eval_predict_merge_inspect(reviews, tmp_path, capsys):
     code, out, _ = run_cli(["inspect", "--data.path", str(reviews), "--data.text_column", "review",
                             "--data.label_column", "verdict"], capsys)
     marked = [line for line in out.splitlines() if line.startswith("◆")]
-    assert code == 0 and len(marked) == 12 and "● " in out and "would replace 12 modules" in out
+    assert code == 0 and len(marked) == 2 and "● " in out and "would replace 12 modules" in out
+    assert "0–5 (BertLayer) × 6, identical: 0 shown" in out  # the six layers in one
+
+    page = tmp_path / "pages" / "run.html"
+    code, out, _ = run_cli(["inspect", str(run), "--shapes", "--html", str(page)], capsys)
+    assert code == 0 and f"wrote the graph of the run's model to {page}" in out
+    query = next(line for line in out.splitlines() if "query (LoraLayer)" in line)
+    assert query.startswith("◆") and "adapter 'default'" in query and query.endswith("[2×16×384] → [2×16×384]")
+    text = page.read_text()
+    data = json.loads(text.split('type="application/json">')[1].split("</script>")[0])
+    assert [r["after"] for r in data["surgery"]].count("LoRA r=4 α=16") == 12 and len(data["surgery"]) == 13
+
+
+def test_inspect_refuses_a_folder_for_html_and_options_with_a_run(tmp_path, capsys):
+    code, _, err = run_cli(["inspect", "--html", str(tmp_path)], capsys)
+    assert code == 2 and "--html takes the HTML file to write" in err and err.count("\n") == 1
+    code, _, err = run_cli(["inspect", str(tmp_path), "--lora.r", "4"], capsys)
+    assert code == 2 and "is a run folder" in err and err.count("\n") == 1
+    code, _, err = run_cli(["inspect", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
 
 
 def break_training_forward(monkeypatch, at: int, error: BaseException) -> None:

@@ -15,6 +15,7 @@ from .qlora import QuantReport, StorageTable, quantize_base, storage_table
 from .quant import dequantize, is_quantized
 from .summary import Summary, summary
 from .targets import output_head, resolve_targets
+from .view import show
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,6 @@ __all__ = [
     "mixed_batch", "read_adapter", "prepare_adapter", "attach_adapter", "save_adapter", "set_adapter",
     "FastDropout", "Geometry", "InjectReport", "LoraAdapter", "LoraConfig", "LoraLayer", "Replacement", "Summary",
     "freeze", "inject", "is_hf_conv1d", "kind_of", "lora_layers", "merge", "merge_and_unload",
-    "output_head", "replace_module", "resolve_targets", "summary", "unmerge",
+    "output_head", "replace_module", "resolve_targets", "show", "summary", "unmerge",
     "MergeReport", "QuantReport", "StorageTable", "dequantize", "is_quantized", "quantize_base", "storage_table",
 ]

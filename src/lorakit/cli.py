@@ -5,7 +5,7 @@
     lorakit predict RUN TEXT ... | --file FILE [--output FILE.csv|.jsonl]
     lorakit generate RUN --prompt TEXT
     lorakit merge RUN --out DIR
-    lorakit inspect [RECIPE] [--section.key VALUE ...]
+    lorakit inspect [RECIPE|RUN] [--section.key VALUE ...] [--shapes] [--html FILE]
     lorakit serve [RUN_OR_MODEL] [--adapter NAME=PATH ...] [--adapter-dir DIR] [--api-keys FILE] ...
     lorakit experiment NAME [--quick] [--out DIR]
 
@@ -100,9 +100,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .train.config import build_config, load_recipe
-    from .train.recipe import inspect
+    from .train.recipe import inspect, inspect_run
 
-    print(inspect(build_config(load_recipe(args.recipe) if args.recipe else {}, args.overrides)))
+    if args.html is not None and (Path(args.html).is_dir() or not args.html.strip()):
+        raise UsageError(f"--html takes the HTML file to write, got {args.html!r}")
+    if args.recipe and Path(args.recipe).is_dir():
+        if args.overrides:
+            raise UsageError(f"{args.recipe} is a run folder, shown as it was trained; drop {args.overrides[0]}")
+        print(inspect_run(args.recipe, args.shapes, args.html))
+        return 0
+    print(inspect(build_config(load_recipe(args.recipe) if args.recipe else {}, args.overrides), args.shapes,
+                  args.html))
     return 0
 
 
@@ -222,9 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("inspect", help="show the module tree and what a target spec would adapt; changes nothing",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("recipe", nargs="?", metavar="RECIPE", help=recipe_help)
+    p = sub.add_parser("inspect", help="show the module tree and what a target spec would adapt (or a run's "
+                       "model); --html draws the adapted model as an interactive graph", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("recipe", nargs="?", metavar="RECIPE|RUN", help=f"{recipe_help}; or a run folder")
+    p.add_argument("--html", metavar="FILE", help="write the model traced on two examples of its data as one "
+                   "self-contained HTML page: blocks, shapes, LoRA layers, before/after")
+    p.add_argument("--shapes", action="store_true", help="add each module's traced input and output shapes")
     config_options(p)
     p.set_defaults(func=cmd_inspect)
 

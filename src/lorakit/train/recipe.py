@@ -429,23 +429,45 @@ def plot(records: list[dict], path: Path, key: str) -> None:
     atomic.write_file(path, png.getvalue())
 
 
-def inspect(cfg: RunConfig) -> str:
+def inspect(cfg: RunConfig, shapes: bool = False, html: str | Path | None = None) -> str:
     """The model's module tree marking what `cfg` would adapt (◆) and train in full (●), then the surgery
-    report; nothing is changed."""
-    from ..layers import kind_of
+    report; with `shapes`, each module's traced input and output shapes; with `html`, the interactive graph
+    of the adapted model written there. Nothing on disk but that page is changed."""
+    from ..view import show, trace
+    from ..view.text import tree_lines
 
     task = prepare(cfg)
     model, head = task.model, trained_in_full(cfg, task.arch)
     report = inject_from_config(cfg, task, dry_run=True)
-    chosen = {r.name: r for r in report.replaced}
+    marks = {name: "●" for name in head} | {r.name: "◆" for r in report.replaced}
+    notes = {r.name: f"  + {r.params:,} LoRA params" for r in report.replaced}
+    traced = trace(model, task.example()).module_shapes() if shapes else None
     lines = [f"{type(model).__name__} — ◆ LoRA target, ● trains in full (modules_to_save)"]
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        mark = "◆" if name in chosen else "●" if name in head else " "
-        shape = f" {tuple(module.weight.shape)}" if kind_of(module) else ""
-        extra = f"  + {chosen[name].params:,} LoRA params" if name in chosen else ""
-        lines.append(f"{mark} {'  ' * name.count('.')}{name.rsplit('.', 1)[-1]} ({type(module).__name__}){shape}"
-                     f"{f'  {own:,} params' if own else ''}{extra}")
-    return "\n".join(lines + ["", str(report)])
+    lines += tree_lines(model, marks, notes, traced) + ["", str(report)]
+    if html is not None:
+        inject_from_config(cfg, task)
+        lines.append(f"lorakit: wrote the graph of the adapted model to {show(model, task.example(), html)}")
+    return "\n".join(lines)
+
+
+def inspect_run(run: str | Path, shapes: bool = False, html: str | Path | None = None) -> str:
+    """A finished run's model as it is used: its tree with the LoRA layers (◆) and the modules trained in
+    full (●), traced shapes and the graph page as `inspect` gives them."""
+    from ..layers import LoraLayer, SavedModule
+    from ..view import show, trace
+    from ..view.text import tree_lines
+    from .runs import load_run
+
+    cfg, task = load_run(run)
+    model = task.model
+    marks, notes = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, (LoraLayer, SavedModule)):
+            marks[name] = "◆" if isinstance(m, LoraLayer) else "●"
+            notes[name] = f"  adapter {m.active!r}: {sum(p.numel() for p in m.adapters.parameters()):,} params"
+    traced = trace(model, task.example()).module_shapes() if shapes else None
+    lines = [f"{type(model).__name__} — run {run}: ◆ LoRA layer, ● trains in full (modules_to_save)"]
+    lines += tree_lines(model, marks, notes, traced) + ["", str(summary(model, print_fn=None))]
+    if html is not None:
+        lines.append(f"lorakit: wrote the graph of the run's model to {show(model, task.example(), html)}")
+    return "\n".join(lines)

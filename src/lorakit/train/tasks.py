@@ -82,6 +82,18 @@ class Prepared:
             out = model(**batch.inputs, labels=batch.labels)
             return out.loss, out.logits
 
+    def example(self, n: int = 2, tokens: int = 16) -> Tensor | dict[str, Any]:
+        """A small real input for tracing the model: the first n examples of the train split, texts cut
+        to `tokens` tokens (and no KV cache for a causal LM)."""
+        split = self.splits["train"] if "train" in self.splits else next(iter(self.splits.values()))
+        batch = split.collate(list(range(min(n, split.size)))).to(self.device)
+        if self.arch == "convnet":
+            return batch.inputs["pixels"]
+        inputs: dict[str, Any] = {k: v[:, :tokens] for k, v in batch.inputs.items()}
+        if self.metric == "perplexity":
+            inputs["use_cache"] = False
+        return inputs
+
     @property
     def higher_is_better(self) -> bool:
         return self.metric == "accuracy"
