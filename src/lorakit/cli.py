@@ -6,7 +6,7 @@
     lorakit generate RUN --prompt TEXT
     lorakit merge RUN --out DIR
     lorakit inspect [RECIPE|RUN] [--section.key VALUE ...] [--shapes] [--html FILE]
-    lorakit serve [RUN_OR_MODEL] [--adapter NAME=PATH ...] [--adapter-dir DIR] [--api-keys FILE] ...
+    lorakit serve [RUN_OR_MODEL] [--adapter NAME=PATH ...] [--adapter-dir DIR] [--api-keys FILE] ... [--ray ...]
     lorakit experiment NAME [--quick] [--out DIR]
 
 Every recipe key is an option (`--lora.r 16`, `--train.epochs=1`), generated from the config dataclasses.
@@ -123,9 +123,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise UsageError(f"--adapter takes NAME=PATH, got {item!r}")
         adapters.append((name, path))
-    return run(ServeOptions(args.target, args.model_path, args.task, tuple(adapters), args.adapter_dir, args.host,
-                            args.port, args.max_loaded, tuple(args.pin or ()), args.api_keys, args.max_batch,
-                            args.max_queue, args.device, args.bf16))
+    options = ServeOptions(args.target, args.model_path, args.task, tuple(adapters), args.adapter_dir, args.host,
+                           args.port, args.max_loaded, tuple(args.pin or ()), args.api_keys, args.max_batch,
+                           args.max_queue, args.device, args.bf16)
+    ray_only = [f"--{n.replace('_', '-')}" for n in ("autoscale", "ray_address") if getattr(args, n) is not None]
+    if not args.ray:
+        if ray_only or args.replicas != 1:
+            raise UsageError(f"{(ray_only or ['--replicas'])[0]} needs --ray")
+        return run(options)
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--ray needs Ray Serve: pip install 'lorakit[ray]'")
+    from .serve import ray as on_ray
+
+    if args.autoscale is not None and args.replicas != 1:
+        raise UsageError("give --replicas or --autoscale, not both")
+    try:
+        autoscale = on_ray.parse_autoscale(args.autoscale) if args.autoscale is not None else None
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    return on_ray.run(options, args.replicas, autoscale, args.ray_address, args.ray_cpus)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -261,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting to start; beyond it, 429")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: engine replicas routed by adapter "
+                                                      "(needs lorakit[ray])")
+    p.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="with --ray: engine replicas")
+    p.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
+    p.add_argument("--ray-address", metavar="ADDR", help="with --ray: join this Ray cluster (default: start one "
+                                                         "on 127.0.0.1)")
+    p.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="with --ray: CPUs per replica")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("experiment", help="reproduce a published LoRA result and write report.md with plots",
