@@ -148,63 +148,6 @@ def test_streams_generate_and_errors_pass_through_the_proxy(cluster):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def engine_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:lorakit:LorakitEngine" in line]
-
-
-def test_killing_a_replica_mid_stream_ends_its_streams_cleanly_and_serving_goes_on(cluster):
-    """Every stream in flight ends with [DONE] or an error event, none hangs; new requests are served while Ray
-    starts a replacement replica."""
-    running, _ = cluster
-    pids = engine_pids()
-    assert len(pids) == 2
-    results: dict[tuple[str, int], tuple[str, str]] = {}
-
-    def stream(name: str, i: int) -> None:
-        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True,
-                "ignore_eos": True}
-        try:
-            with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=120,
-                              headers={"Authorization": "Bearer sk-admin"}) as r:
-                if r.status_code != 200:  # failed before its first token: an error answer
-                    r.read()
-                    results[name, i] = ("error" if "error" in r.json() else "cut", f"{r.status_code} {r.text}")
-                    return
-                events = [line for line in r.iter_lines() if line.startswith("data: ")]
-            last = events[-1] if events else ""
-            results[name, i] = ("done" if last == "data: [DONE]" else "error" if '"error"' in last else "cut", last)
-        except httpx.HTTPError as e:
-            results[name, i] = ("exception", repr(e))
-
-    threads = [threading.Thread(target=stream, args=(n, i)) for n in NAMES for i in range(2)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    os.kill(pids[0], signal.SIGKILL)
-    for t in threads:
-        t.join(150)
-    assert not any(t.is_alive() for t in threads)  # nothing hangs
-    assert len(results) == 16 and all(kind in ("done", "error") for kind, _ in results.values()), results
-    assert any(kind == "error" for kind, _ in results.values())  # the killed replica's streams said so
-
-    client = running.client()
-    for name in NAMES:  # every adapter is served again, by the live replica or the new one
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.completions.create(model=name, prompt="Hello", max_tokens=2, temperature=0)
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-    deadline = time.time() + 180
-    while not (len(engine_pids()) == 2 and pids[0] not in engine_pids()):
-        assert time.time() < deadline, "Ray did not replace the killed replica"
-        time.sleep(1)
-
-
 def test_the_ingress_reads_the_adapter_each_api_names():
     from lorakit.serve.ray import adapter_of
 
@@ -213,6 +156,8 @@ def test_the_ingress_reads_the_adapter_each_api_names():
     assert adapter_of("/generate", b'{"inputs": "x", "parameters": {"adapter_id": "a3"}}') == "a3"
     assert adapter_of("/", b'{"inputs": "x", "parameters": {"adapter_id": "a4"}}') == "a4"
     assert adapter_of("/generate", b'{"inputs": "x", "model": "a1"}') is None  # TGI names it in parameters
+    assert adapter_of("/v1/load_lora_adapter", b'{"lora_name": "b0", "lora_path": "/p"}') == "b0"
+    assert adapter_of("/v1/unload_lora_adapter", b'{"lora_name": "b0"}') == "b0"
     for path, body in [("/v1/completions", b"{not json"), ("/v1/completions", b"[1]"), ("/v1/models", b""),
                        ("/v1/completions", b'{"model": 3}')]:
         assert adapter_of(path, body) is None  # the replica answers with the server's own error
@@ -252,3 +197,91 @@ def test_serve_run_arguments_and_cli_refusals(capsys):
         assert cli.main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def test_loading_and_unloading_through_the_ingress_reaches_every_replica(cluster, setup):
+    """An adapter loaded (or unloaded) through one replica is listed (or not) by every replica after it."""
+    running, _ = cluster
+    tmp, model_dir, _ = setup
+    make_adapters(model_dir, tmp / "more", ["b0"], seed=20)
+
+    def listed(times: int = 12) -> set[bool]:  # requests without an adapter go to either replica
+        return {"b0" in {m.id for m in running.client().models.list().data} for _ in range(times)}
+
+    assert listed() == {False}
+    r = running.post("/v1/load_lora_adapter", {"lora_name": "b0", "lora_path": str(tmp / "more" / "b0")}, key="sk-alice")
+    assert r.status_code == 403 or r.status_code == 401
+    r = running.post("/v1/load_lora_adapter", {"lora_name": "b0", "lora_path": str(tmp / "more" / "b0")})
+    assert r.status_code == 200, r.text
+    assert listed() == {True}
+    text = running.client().completions.create(model="b0", prompt="Hi", max_tokens=3, temperature=0).choices[0].text
+    assert isinstance(text, str)
+    r = running.post("/v1/unload_lora_adapter", {"lora_name": "b0"})
+    assert r.status_code == 200, r.text
+    assert listed() == {False}
+    r = running.post("/v1/completions", {"model": "b0", "prompt": "x"})
+    assert r.status_code == 404
+
+
+def engine_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:lorakit:LorakitEngine" in line]
+
+
+def test_killing_a_replica_mid_stream_ends_its_streams_cleanly_and_serving_goes_on(cluster):
+    """Every stream in flight ends with [DONE] or an error event, none hangs; new requests are served while Ray
+    starts a replacement replica."""
+    running, _ = cluster
+    pids = engine_pids()
+    assert len(pids) == 2
+    results: dict[tuple[str, int], tuple[str, str]] = {}
+
+    def stream(name: str, i: int) -> None:
+        body = {"model": name, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        try:
+            with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=120,
+                              headers={"Authorization": "Bearer sk-admin"}) as r:
+                if r.status_code != 200:  # failed before its first token: an error answer
+                    r.read()
+                    results[name, i] = ("error" if "error" in r.json() else "cut", f"{r.status_code} {r.text}")
+                    return
+                events = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        if len(events) == 1:
+                            started.release()  # its first token: this stream is in flight
+            last = events[-1] if events else ""
+            results[name, i] = ("done" if last == "data: [DONE]" else "error" if '"error"' in last else "cut", last)
+        except httpx.HTTPError as e:
+            results[name, i] = ("exception", repr(e))
+
+    started = threading.Semaphore(0)
+    threads = [threading.Thread(target=stream, args=(n, i)) for n in NAMES for i in range(2)]
+    for t in threads:
+        t.start()
+    for _ in threads:  # every stream has its first token, so both replicas have streams in flight
+        assert started.acquire(timeout=120)
+    os.kill(pids[0], signal.SIGKILL)
+    for t in threads:
+        t.join(150)
+    assert not any(t.is_alive() for t in threads)  # nothing hangs
+    assert len(results) == 16 and all(kind in ("done", "error") for kind, _ in results.values()), results
+    assert any(kind == "error" for kind, _ in results.values())  # the killed replica's streams said so
+
+    client = running.client()
+    for name in NAMES:  # every adapter is served again, by the live replica or the new one
+        deadline = time.time() + 60
+        while True:
+            try:
+                client.completions.create(model=name, prompt="Hello", max_tokens=2, temperature=0)
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+    deadline = time.time() + 180
+    while not (len(engine_pids()) == 2 and pids[0] not in engine_pids()):
+        assert time.time() < deadline, "Ray did not replace the killed replica"
+        time.sleep(1)

@@ -161,7 +161,7 @@ def test_before_surgery_shows_the_layers_that_were_replaced(chromium, minilm_pag
     was = [d for d in shown if "was" in d["cls"].split()]
     assert sorted(d["path"] for d in was) == ["bert.encoder.layer.0.attention.self.query.base",
                                              "bert.encoder.layer.0.attention.self.value.base"]
-    assert all(d["op"] == "Linear" for d in was)
+    assert all(d["op"] == "Linear" for d in was) and sorted(d["name"] for d in was) == ["query", "value"]
     assert sorted(e["shape"] for e in b.execute_script(EDGES)) == after  # the surgery changed no shape
     b.find_element("css selector", "#mode option[value=after]").click()
     assert "lora" in by_name(b, "query")["cls"].split()

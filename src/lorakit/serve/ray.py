@@ -28,6 +28,7 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK_FLAG = "LORAKIT_RAY_LOOPBACK"  # set for a local instance; its processes inherit it
 HUB = "lorakit-metrics"  # the named actor that holds each replica's latest metrics
 ADAPTER_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/generate", "/generate_stream", "/")
+ADMIN_PATHS = {"/v1/load_lora_adapter": "load", "/v1/unload_lora_adapter": "unload"}
 
 
 def local_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -69,8 +70,9 @@ def keep_to_loopback() -> None:
 
 
 def adapter_of(path: str, body: bytes) -> str | None:
-    """The adapter a request names: `model` (OpenAI, classify) or `parameters.adapter_id` (TGI); None if none."""
-    if path not in ADAPTER_PATHS or not body:
+    """The adapter a request names: `model` (OpenAI, classify), `parameters.adapter_id` (TGI) or `lora_name`
+    (loading and unloading); None if none."""
+    if (path not in ADAPTER_PATHS and path not in ADMIN_PATHS) or not body:
         return None
     try:
         data = json.loads(body)
@@ -78,7 +80,7 @@ def adapter_of(path: str, body: bytes) -> str | None:
         return None  # the replica answers it with the server's own error
     if not isinstance(data, dict):
         return None
-    name = data.get("model")
+    name = data.get("lora_name") if path in ADMIN_PATHS else data.get("model")
     if path in ("/generate", "/generate_stream", "/"):
         params = data.get("parameters")
         name = params.get("adapter_id") if isinstance(params, dict) else None
@@ -192,6 +194,8 @@ def engine_class(max_loaded: int):
             self.pins = asyncio.Lock()
             self.pinned = False
             self.hub = None
+            self.syncing = asyncio.Lock()
+            self.applied = 0  # how many of the ingress's loads and unloads this replica has carried out
 
         def base_name(self) -> str:
             return self.server.base.name
@@ -204,20 +208,46 @@ def engine_class(max_loaded: int):
             return name
 
         async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
-                         body: bytes) -> AsyncIterator[Any]:
-            """One HTTP request through the server's own app: (status, headers), then the body's chunks."""
+                         body: bytes, changes: list[tuple[str, str, str]] = ()) -> AsyncIterator[Any]:
+            """One HTTP request through the server's own app: (status, headers), then the body's chunks.
+            `changes` are the loads and unloads the ingress has passed on so far; this replica first carries out
+            those it has not."""
             await self._pin()
+            await self._sync(changes)
             name = serve.get_multiplexed_model_id()
-            if name and self._may_load(name, headers):
+            if name and path not in ADMIN_PATHS and self._may_load(name, headers):
                 try:
                     await self.resident(name)
                 except Exception:  # noqa: BLE001 - the app answers the request with the reason
                     pass
             try:
+                status = None
                 async for part in run_asgi(self.app, method, path, query, headers, body):
+                    status = part[0] if status is None else status
                     yield part
+                if path == "/v1/load_lora_adapter" and status == 200 and name:
+                    await self.resident(name)  # resident here now: let Ray's router know
             finally:
                 self._report()
+
+        async def _sync(self, changes) -> None:
+            """Carry out the loads and unloads made through other replicas (in order; an unload of an adapter
+            requests here still hold waits for the next request)."""
+            from .registry import AdapterBusy
+
+            async with self.syncing:
+                for op, name, path in list(changes)[self.applied:]:
+                    registry = self.server.registry
+                    try:
+                        if op == "load" and name not in registry.paths:
+                            registry.register(name, path)
+                        elif op == "unload":
+                            await registry.unload(name)
+                    except AdapterBusy:
+                        return
+                    except Exception:  # noqa: BLE001 - unknown here, or refused here: its requests say why
+                        pass
+                    self.applied += 1
 
         def _may_load(self, name: str, headers: list[tuple[bytes, bytes]]) -> bool:
             """Only a request whose key may use a known adapter makes it resident."""
@@ -269,6 +299,7 @@ def ingress_class():
             keep_to_loopback()
             self.engine = engine
             self.base: str | None = None
+            self.changes: list[tuple[str, str, str]] = []  # loads and unloads that succeeded, in order
 
         async def __call__(self, request: Request):
             import ray
@@ -288,12 +319,16 @@ def ingress_class():
                 if name is not None and name != self.base:
                     handle = handle.options(multiplexed_model_id=name)
                 parts = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
-                                             list(request.headers.raw), body)
+                                             list(request.headers.raw), body, list(self.changes))
                 status, headers = await parts.__anext__()
                 kept = {k: v for k, v in headers if k.lower() not in HOP_BY_HOP}
                 if "text/event-stream" in kept.get("content-type", ""):
                     return StreamingResponse(ended_by_error(parts), status_code=status, headers=kept)
-                return Response(b"".join([chunk async for chunk in parts]), status_code=status, headers=kept)
+                content = b"".join([chunk async for chunk in parts])
+                op = ADMIN_PATHS.get(request.url.path)
+                if op is not None and status == 200 and name is not None:
+                    self.changes.append((op, name, json.loads(body).get("lora_path", "")))
+                return Response(content, status_code=status, headers=kept)
             except Exception as e:  # noqa: BLE001 - a replica that failed: a clean error, the ingress serves on
                 return JSONResponse(failure(e), status_code=503, headers={"Retry-After": "1"})
 

@@ -49,7 +49,10 @@
     } else if (n.loraInside) { cls.push("has-lora"); badge = `◆ ${n.loraInside} · +${fmt(n.loraParams)}`; }
     if (n.added) cls.push("added");
     if (n.saved) { cls.push("saved"); badge = "● trains"; }
-    if (state.before && n.kind === "module" && N[n.parent] && N[n.parent].lora) cls.push("was");
+    if (state.before && n.kind === "module" && N[n.parent] && N[n.parent].lora) {
+      cls.push("was");  // the layer the surgery replaced, under the name it had
+      return { title: N[n.parent].name, sub: `${n.op} (before LoRA)`, cls: cls.join(" "), badge };
+    }
     return { title: n.name, sub, cls: cls.join(" "), badge };
   }
 
