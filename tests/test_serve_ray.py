@@ -191,6 +191,8 @@ def test_serve_run_arguments_and_cli_refusals(capsys):
     for args, message in [(["--replicas", "2"], "--replicas needs --ray"),
                           (["--autoscale", "1:2"], "--autoscale needs --ray"),
                           (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+                          (["--ray-cpus", "2"], "--ray-cpus needs --ray"),
+                          (["--ray", "--ray-cpus", "0"], "must be a number > 0, got '0'"),
                           (["--ray", "--autoscale", "2"], "MIN:MAX")]:
         assert cli.main(["serve", *args]) == 2
         err = capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -126,10 +127,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(args.target, args.model_path, args.task, tuple(adapters), args.adapter_dir, args.host,
                            args.port, args.max_loaded, tuple(args.pin or ()), args.api_keys, args.max_batch,
                            args.max_queue, args.device, args.bf16)
-    ray_only = [f"--{n.replace('_', '-')}" for n in ("autoscale", "ray_address") if getattr(args, n) is not None]
+    ray_only = {"--replicas": args.replicas, "--autoscale": args.autoscale, "--ray-address": args.ray_address,
+                "--ray-cpus": args.ray_cpus}
     if not args.ray:
-        if ray_only or args.replicas != 1:
-            raise UsageError(f"{(ray_only or ['--replicas'])[0]} needs --ray")
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --ray")
         return run(options)
     import importlib.util
 
@@ -137,13 +140,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--ray needs Ray Serve: pip install 'lorakit[ray]'")
     from .serve import ray as on_ray
 
-    if args.autoscale is not None and args.replicas != 1:
+    if args.autoscale is not None and args.replicas is not None:
         raise UsageError("give --replicas or --autoscale, not both")
     try:
         autoscale = on_ray.parse_autoscale(args.autoscale) if args.autoscale is not None else None
     except ValueError as e:
         raise UsageError(f"--{e}") from None
-    return on_ray.run(options, args.replicas, autoscale, args.ray_address, args.ray_cpus)
+    return on_ray.run(options, args.replicas or 1, autoscale, args.ray_address, args.ray_cpus or 1.0)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -160,6 +163,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -281,11 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: engine replicas routed by adapter "
                                                       "(needs lorakit[ray])")
-    p.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="with --ray: engine replicas")
+    p.add_argument("--replicas", type=_positive_int, metavar="N", help="with --ray: engine replicas (default 1)")
     p.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
     p.add_argument("--ray-address", metavar="ADDR", help="with --ray: join this Ray cluster (default: start one "
                                                          "on 127.0.0.1)")
-    p.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="with --ray: CPUs per replica")
+    p.add_argument("--ray-cpus", type=_positive_number, metavar="N", help="with --ray: CPUs per replica (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("experiment", help="reproduce a published LoRA result and write report.md with plots",

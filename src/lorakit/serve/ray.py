@@ -80,10 +80,13 @@ def adapter_of(path: str, body: bytes) -> str | None:
         return None  # the replica answers it with the server's own error
     if not isinstance(data, dict):
         return None
-    name = data.get("lora_name") if path in ADMIN_PATHS else data.get("model")
-    if path in ("/generate", "/generate_stream", "/"):
+    if path in ADMIN_PATHS:
+        name = data.get("lora_name")
+    elif path in ("/generate", "/generate_stream", "/"):
         params = data.get("parameters")
         name = params.get("adapter_id") if isinstance(params, dict) else None
+    else:
+        name = data.get("model")
     return name if isinstance(name, str) and name else None
 
 
@@ -137,7 +140,7 @@ def merge_metrics(texts: dict[str, str]) -> bytes:
     families: dict[str, Any] = {}
     for replica, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text):
-            merged = families.setdefault(family.name, family if not family.samples else _empty(family))
+            merged = families.setdefault(family.name, _empty(family))
             merged.samples += [s._replace(labels={**s.labels, "replica": replica}) for s in family.samples]
 
     class Collected:
@@ -170,9 +173,6 @@ class MetricsHub:
 
     def put(self, replica: str, text: str) -> None:
         self.texts[replica] = text
-
-    def drop(self, replica: str) -> None:
-        self.texts.pop(replica, None)
 
     def get(self) -> dict[str, str]:
         return dict(self.texts)
@@ -235,9 +235,9 @@ def engine_class(max_loaded: int):
             requests here still hold waits for the next request)."""
             from .registry import AdapterBusy
 
+            registry = self.server.registry
             async with self.syncing:
                 for op, name, path in list(changes)[self.applied:]:
-                    registry = self.server.registry
                     try:
                         if op == "load" and name not in registry.paths:
                             registry.register(name, path)

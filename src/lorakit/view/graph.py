@@ -30,6 +30,7 @@ class Graph:
     views: dict[int, list[Edge]]  # composite node id → its edges
     blocks: dict[int, list[str]]  # composite node id → the blocks it shows, in the order they ran
     groups: dict[str, list[int]]  # group block → its calls
+    chains: dict[int, list[int]]  # node id → the calls from the model's down to it
     title: str
 
     def data(self) -> dict[str, Any]:
@@ -51,10 +52,9 @@ class Graph:
                           "params": sum(nodes[str(m)]["params"] for m in members),
                           "loraInside": sum(nodes[str(m)]["loraInside"] for m in members),
                           "loraParams": sum(nodes[str(m)]["loraParams"] for m in members)}
-        chains = {n.id: _chain(t, n.id) for n in t.nodes}
         member = {m: gid for gid, ms in self.groups.items() for m in ms}
         views = {str(c): {"blocks": self.blocks[c], "edges": [list(e) for e in edges],
-                          "names": _var_names(t, c, edges, nodes, chains, member)}
+                          "names": _var_names(t, c, edges, nodes, self.chains, member)}
                  for c, edges in self.views.items()}
         return {"title": self.title, "nodes": nodes, "views": views,
                 "vars": {str(v.id): [v.name, list(v.shape), v.dtype, v.kind, _producer_op(t, v.producer)]
@@ -120,9 +120,9 @@ def _node(t: Trace, i: int) -> dict[str, Any]:
 
 def _var_names(t: Trace, view: int, edges: list[Edge], nodes: dict[str, Any], chains: dict[int, list[int]],
                groups: dict[int, str]) -> dict[str, str]:
-    """A name for each tensor on one view: the name of the block that sent it (with the output's index when
-    the block sends several); for a tensor from outside the view, the block that made it as seen where it
-    was made, or the model input's own name."""
+    """A name for each tensor on one view: the name of the block that sent it; for a tensor from outside the
+    view, the block that made it as seen where it was made, or the model input's own name. Tensors that would
+    share a name are numbered (split.0, split.1)."""
     bases: dict[int, str] = {}
     for s, _, v in edges:
         var = t.vars[v]
@@ -192,7 +192,7 @@ def build(t: Trace, title: str = "") -> Graph:
                 k += 1
             if p is not None:
                 raw[cx[k - 1]].add((cp[k], cx[k], v))
-            for i in range(max(k, 0), len(cx) - 1):
+            for i in range(k, len(cx) - 1):
                 raw[cx[i]].add(("in", cx[i + 1], v))
             for i in range(k, len(cp) - 1):
                 raw[cp[i]].add((cp[i + 1], "out", v))
@@ -219,7 +219,7 @@ def build(t: Trace, title: str = "") -> Graph:
         edges = {(display[s], display[d], v) for s, d, v in raw[c]}
         views[c] = sorted((e for e in edges if e[0] != e[1]), key=lambda e: (e[2], str(e[0]), str(e[1])))
         blocks[c] = shown
-    return Graph(t, views, blocks, groups, title or type(t.modules[0]).__name__)
+    return Graph(t, views, blocks, groups, chains, title or type(t.modules[0]).__name__)
 
 
 def surgery(t: Trace) -> list[dict[str, Any]]:

@@ -208,11 +208,11 @@ class _Tracer:
         self.nodes[self.stack.pop()].outputs = outs
 
     def op(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
+        if not self.stack:
+            return
         outs = _tensors(result)
         ins = _tensors(args) + _tensors(kwargs)
         name, qual = op_name(func)
-        if not self.stack:
-            return
         if qual == "Tensor.__setitem__" and ins:
             outs = [ins[0]]  # it returns None and changes its first argument
         if not outs:
