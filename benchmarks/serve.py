@@ -16,6 +16,7 @@ load of an adapter while 8 streams run: its time (p50 of 5) and how long those s
 
     python -m benchmarks.serve             # ~10 min on 2 CPU cores; rewrites its section of benchmarks/results.md
     python -m benchmarks.serve --quick     # a tiny random model, a few requests: checks that it runs (temp dir)
+    python -m benchmarks.serve --ray       # the same workload on Ray Serve, 1 vs 2 replicas (benchmarks/serve_ray.py)
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def tiny_model(out: Path) -> Path:
 class Server:
     """A server process on 127.0.0.1 (its own process group), its peak memory read before it stops."""
 
-    def __init__(self, argv: list[str], port: int, health: str = "/health", env: dict | None = None) -> None:
+    def __init__(self, argv: list[str], port: int, health: str = "/health", env: dict | None = None,
+                 ready: set[int] | None = None) -> None:
+        """Started once `health` answers: with a status in `ready`, or with any below 500 if None."""
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -129,7 +132,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{argv[:4]} exited: {Path(self.log.name).read_text()[-2000:]}")
             try:
-                if httpx.get(self.url + health, timeout=2).status_code < 500:
+                status = httpx.get(self.url + health, timeout=2).status_code
+                if (status in ready) if ready is not None else (status < 500):
                     return
             except httpx.HTTPError:
                 pass
@@ -408,6 +412,8 @@ def section(raw: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny random model and a few requests (temp dir)")
+    parser.add_argument("--ray", action="store_true", help="scenario (b) on `lorakit serve --ray`: the single server, "
+                                                           "1 replica and 2 replicas (needs lorakit[ray])")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"from: {', '.join(SCENARIOS)}")
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None,
@@ -445,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     names = make_adapters(model_dir, work / "adapters", count, rank)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = prompts(tokenizer, n, lo, hi)
+    out = args.out or (work / "results.md" if quick else RESULTS)
+    if args.ray:
+        from . import serve_ray
+
+        serve_ray.run(model_dir, work / "adapters", names, texts, {"tokens": tokens, "prompt_tokens": [lo, hi],
+                      "rank": rank}, bf16, "python -m benchmarks.serve --ray" + (" --quick" if quick else ""), out, log)
+        return 0
     spread = {"a": [names[0]] * n, "b": [names[i % 8] for i in range(n)],
               "c": random.Random(1).sample([names[i % 64 % count] for i in range(n)], n),
               "d": ["BASE"] * n, "e": ["BASE"] * n, "f": [names[i % 8] for i in range(n)],
@@ -462,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "batched", bf16), None
         try:
             jobs = [(base if m == "BASE" else m, p) for m, p in zip(spread[key], texts)]
-            out = asyncio.run(drive(server.url, jobs, tokens, 16, stream=key not in "fg", ignore_eos=key != "e"))
-            results[key] = summarize(out, server.peak_mb(), key not in "fg")
+            answers = asyncio.run(drive(server.url, jobs, tokens, 16, stream=key not in "fg", ignore_eos=key != "e"))
+            results[key] = summarize(answers, server.peak_mb(), key not in "fg")
             if key == "c":
                 results[key]["loads"] = metric(server.url, "lorakit_adapter_loads_total")
                 results[key]["evictions"] = metric(server.url, "lorakit_adapter_evictions_total")
@@ -476,7 +489,6 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python -m benchmarks.serve" + (" --quick" if quick else "")}
     if any(k in chosen for k in "abc"):
         raw["cold"] = cold_load(model_dir, work / "adapters", names, texts[0], 40 if quick else 96, log)
-    out = args.out or (work / "results.md" if quick else RESULTS)
     (out.parent / "serve.json").write_text(json.dumps(raw, indent=1))
     replace_section(out, TITLE, section(raw))
     log(f"wrote {out} and {out.parent / 'serve.json'}")

@@ -207,6 +207,22 @@ def test_mixed_batch_follows_adapters_added_changed_and_deleted(tiny_llama):
     assert_mixed_equals_rowwise(tiny_llama, ids[:2], ["late", "late"])  # one adapter for every row
 
 
+def test_mixed_batch_of_adapters_on_different_layers(tiny_llama):
+    """A layer adds nothing for a row whose adapter it lacks, however the model's slots have grown since the
+    layer's bank was made: here k_proj's bank is made for one adapter, and four more on q_proj only take
+    slots past its width."""
+    torch.manual_seed(0)
+    lorakit.inject(tiny_llama, ["q_proj", "k_proj", "v_proj"], r=4, alpha=8, adapter="wide")
+    randomize(tiny_llama)
+    ids = torch.randint(0, 120, (6, 5), generator=torch.Generator().manual_seed(4))
+    assert_mixed_equals_rowwise(tiny_llama, ids[:2], ["wide", None])
+    for i in range(4):
+        lorakit.inject(tiny_llama, ["q_proj"], r=2, alpha=4, adapter=f"q{i}")
+    randomize(tiny_llama)
+    assert_mixed_equals_rowwise(tiny_llama, ids[:2], ["q3", "wide"])  # each row's A and B gathered
+    assert_mixed_equals_rowwise(tiny_llama, ids, ["q3", "wide", None, "q0", "q3", "q1"])  # every slot at once
+
+
 def test_mixed_batch_in_bf16_matches_rows_alone(tiny_llama):
     """Few rows for many adapters (gathered), many rows (all slots at once, masked), one adapter (its block)."""
     eight_adapters(tiny_llama, ["q_proj", "v_proj", "o_proj"])

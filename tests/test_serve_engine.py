@@ -154,3 +154,43 @@ def test_an_adapter_placed_between_steps_serves_the_next_request(model):
         assert done2.wait(60) and out2["reason"] == "length"
     finally:
         engine.close()
+
+
+def test_concurrent_loads_never_hold_more_than_max_loaded(tmp_path):
+    """Loads that reach the engine together each count the others: with room for two and both held, a third
+    is refused (AdapterBusy), and the model never carries more adapters than max_loaded."""
+    import asyncio
+    import time
+
+    from lorakit.serve.registry import AdapterBusy, Registry
+
+    names = [f"a{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        model = make_tiny_llama()
+        lorakit.inject(model, ["q_proj", "v_proj"], r=2, alpha=4)
+        lorakit.save_adapter(model, tmp_path / name, print_fn=lambda *a: None)
+    engine = Engine(make_tiny_llama(), Tokens())
+    registry = Registry(engine, max_loaded=2, adapter_dir=tmp_path)
+
+    def attached() -> set[str]:
+        return {n for m in engine.model.modules() if isinstance(m, lorakit.LoraLayer) for n in m.adapters}
+
+    async def rounds():
+        outcomes = []
+        for _ in range(5):
+            engine.call(lambda: time.sleep(0.3))  # the engine busy while the files are read: the loads queue up
+            got = await asyncio.gather(*(registry.acquire(n) for n in names), return_exceptions=True)
+            outcomes.append(got)
+            assert len(registry.resident) <= 2 and len(attached()) <= 2
+            for name, result in zip(names, got):
+                if result is None:
+                    registry.release(name)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(rounds())
+    finally:
+        engine.close()
+    for got in outcomes:  # two held at once leave no room for the third
+        assert sum(r is None for r in got) == 2 and sum(isinstance(r, AdapterBusy) for r in got) == 1
+    assert all(h.holds == 0 for h in registry.resident.values())

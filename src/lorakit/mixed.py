@@ -78,19 +78,22 @@ class Rows(list):
         self.single = self.named[0] if len(self.named) == 1 and all(self) else None  # every row's adapter
         self.made: dict[tuple, Tensor] = {}
 
-    def index(self, device: torch.device) -> Tensor:
-        """(B,) each row's slot."""
-        key = ("index", device)
+    def index(self, device: torch.device, only: frozenset[str] | None = None) -> Tensor:
+        """(B,) each row's slot; with `only` (the adapters a layer holds, when it lacks some the batch names),
+        slot 0, which holds nothing, for a row whose adapter is not among them."""
+        key = ("index", device, only)
         if key not in self.made:
-            self.made[key] = torch.tensor([self.slots.of.get(n, 0) if n else 0 for n in self], device=device)
+            self.made[key] = torch.tensor([self.slots.of.get(n, 0) if n and (only is None or n in only) else 0
+                                           for n in self], device=device)
         return self.made[key]
 
-    def mask(self, width: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(B, width·rank): 1 on the rank columns of each row's slot, 0 elsewhere."""
-        key = ("mask", width, rank, dtype, device)
+    def mask(self, width: int, rank: int, dtype: torch.dtype, device: torch.device,
+             only: frozenset[str] | None = None) -> Tensor:
+        """(B, width·rank): 1 on the rank columns of each row's slot (as `index`), 0 elsewhere."""
+        key = ("mask", width, rank, dtype, device, only)
         if key not in self.made:
             mask = torch.zeros(len(self), width, rank, dtype=dtype, device=device)
-            mask[torch.arange(len(self), device=device), self.index(device)] = 1
+            mask[torch.arange(len(self), device=device), self.index(device, only)] = 1
             self.made[key] = mask.view(len(self), width * rank)
         return self.made[key]
 
@@ -193,6 +196,7 @@ def add_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         raise TypeError("mixed-adapter batches support Linear, Conv1D and Embedding layers, not Conv2d")
     if layer.merged:
         raise ValueError(f"adapters {layer.merged} are merged into the base weights; unmerge before a mixed batch")
+    only = frozenset(present) if len(present) < len(rows.named) else None  # the batch names some it lacks
     b = bank(layer, rows, adapters[present[0]].lora_a.dtype, x.device)
     n = x.numel() if g.kind == "embedding" else x.numel() // g.in_features  # positions in the batch
     y2 = y.reshape(n, g.out_features)
@@ -210,10 +214,10 @@ def add_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         a, up = b.weights(dense)
         a, up = a[:, :width * b.rank], up[:width * b.rank]
         u = a[x] if g.kind == "embedding" else x.to(dense) @ a  # (B, ..., width·R)
-        u = u.reshape(x.shape[0], -1, u.shape[-1]) * rows.mask(width, b.rank, dense, x.device)[:, None]
+        u = u.reshape(x.shape[0], -1, u.shape[-1]) * rows.mask(width, b.rank, dense, x.device, only)[:, None]
         return _add(y2, u.reshape(n, -1), up).view(y.shape)
     a, up = b.weights(b.dtype)
-    index = rows.index(x.device)  # each row's A and B gathered by slot
+    index = rows.index(x.device, only)  # each row's A and B gathered by slot
     xb = x.reshape(x.shape[0], -1, g.in_features).to(b.dtype)  # (B, L, in)
     a_rows = a.view(g.in_features, b.width, b.rank)[:, index].transpose(0, 1)  # (B, in, R)
     up_rows = up.view(b.width, b.rank, g.out_features)[index]  # (B, R, out)

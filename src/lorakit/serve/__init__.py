@@ -11,6 +11,8 @@ auth.py: API keys; metrics.py: Prometheus; app.py: the HTTP API.
 from __future__ import annotations
 
 import sys
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,24 @@ class ServeOptions:
 
 
 def build(options: ServeOptions, print_fn=print, engine_thread: bool = True):
-    """The server of `options`: base loaded, engine made (started on its own thread with engine_thread), adapters
-    registered (not yet resident)."""
+    """The server of `options`: base loaded, engine made, adapters registered (not yet resident). With
+    engine_thread the engine runs on a thread of its own, which also loads the model (see `Engine.loop`: on a
+    CPU, torch computes far faster on the thread that first used it); else the caller runs `engine.loop()`."""
+    if engine_thread:
+        made: Future = Future()
+
+        def own() -> None:
+            try:
+                server = build(options, print_fn, engine_thread=False)
+            except BaseException as e:  # noqa: BLE001 - the caller gets it
+                made.set_exception(e)
+                return
+            server.engine.thread = threading.current_thread()
+            made.set_result(server)
+            server.engine.loop()
+
+        threading.Thread(target=own, name="lorakit-engine", daemon=True).start()
+        return made.result()
     from ..train.runs import run_config_data
     from ..train.tasks import native_bf16, resolve_device
     from .app import Server
@@ -81,7 +99,6 @@ def run(options: ServeOptions) -> int:
 
     The engine runs on the main thread, which loaded the model (see `Engine.loop`); uvicorn on another."""
     import signal
-    import threading
 
     import uvicorn
 

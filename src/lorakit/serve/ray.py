@@ -8,7 +8,8 @@ the request, unchanged, to an engine replica through a handle with the adapter a
 id, so Ray sends it to a replica that has that adapter resident and loads it on another only when it must.
 Each replica runs the single server's own FastAPI app in-process — the same routes, keys, errors and
 streaming — with its own engine, resident-adapter cache and `--max-loaded`. `/metrics` is every replica's
-lorakit metrics, labelled `replica`; Ray's own are on Ray's metrics port.
+lorakit metrics, labelled `replica` (each replica reports to a `MetricsHub` actor); Ray's own are on each node's
+metrics export port, printed at start.
 
 Every Ray process of a local instance binds 127.0.0.1 only (`local_ray`).
 """
@@ -19,16 +20,20 @@ import asyncio
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from . import ServeOptions
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-LOOPBACK_FLAG = "LORAKIT_RAY_LOOPBACK"  # set for a local instance; its processes inherit it
-HUB = "lorakit-metrics"  # the named actor that holds each replica's latest metrics
+HUB = "lorakit-metrics-{app}"  # the named actor that holds each replica's latest metrics, one per application
+REPORT_S = (0.2, 5.0)  # a replica reports its metrics at most this often after requests, and at least this often
+STALE_S = 15.0  # the metrics of a replica not heard from for this long (it died) are dropped
 ADAPTER_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/generate", "/generate_stream", "/")
 ADMIN_PATHS = {"/v1/load_lora_adapter": "load", "/v1/unload_lora_adapter": "unload"}
+SPARE = 4  # requests a replica takes beyond a full batch: short ones (health, models) and the next prompts
 
 
 def local_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -46,15 +51,16 @@ def local_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address is not None:
         ray.init(address=address, log_to_driver=False)
         return
-    os.environ[LOOPBACK_FLAG] = "1"
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
 
 
 def keep_to_loopback() -> None:
-    """In a replica of a local instance: Ray Serve binds each replica's inter-deployment gRPC server to every
-    interface ("[::]:0"); bind it to 127.0.0.1 instead. (Called in the replica's constructor, which runs before
-    Ray starts that server.)"""
-    if os.environ.get(LOOPBACK_FLAG) != "1":
+    """In a replica on a node whose Ray address is 127.0.0.1 (a local instance): Ray Serve binds each replica's
+    inter-deployment gRPC server to every interface ("[::]:0"); bind it to 127.0.0.1 instead, as the rest of Ray
+    there is. (Called in the replica's constructor, which runs before Ray starts that server.)"""
+    import ray
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
         return
     from ray.serve._private import replica
 
@@ -92,8 +98,9 @@ def adapter_of(path: str, body: bytes) -> str | None:
 
 async def run_asgi(app, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                    body: bytes) -> AsyncIterator[Any]:
-    """Call an ASGI app in-process: yields (status, headers) first, then the body's chunks as they are sent.
-    Leaving early (the client went away) tells the app the client disconnected."""
+    """Call an ASGI app in-process: yields (status, headers) first, then the body's chunks as they are sent
+    (those sent while the previous one was being passed on, joined: a stream falling behind catches up in fewer,
+    larger pieces). Leaving early (the client went away) tells the app the client disconnected."""
     messages: asyncio.Queue = asyncio.Queue()
     gone = asyncio.Event()
     sent = False
@@ -122,9 +129,13 @@ async def run_asgi(app, method: str, path: str, query: bytes, headers: list[tupl
             if message["type"] == "http.response.start":
                 yield message["status"], [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
             elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield message["body"]
-                if not message.get("more_body"):
+                body, more = message.get("body", b""), message.get("more_body", False)
+                while more and not messages.empty():  # chunks already sent go on as one
+                    message = messages.get_nowait()
+                    body, more = body + message.get("body", b""), message.get("more_body", False)
+                if body:
+                    yield body
+                if not more:
                     return
     finally:
         gone.set()
@@ -158,24 +169,35 @@ def _empty(family):
     return out
 
 
-def _hub():
-    """The metrics hub actor, made by the first replica that reports."""
-    import ray
-
-    return ray.remote(num_cpus=0)(MetricsHub).options(name=HUB, get_if_exists=True).remote()
-
-
 class MetricsHub:
-    """Each replica's latest metrics text (a Ray actor named HUB)."""
+    """Each replica's latest metrics text (a Ray actor named HUB, made by the ingress and ending with it)."""
 
     def __init__(self) -> None:
-        self.texts: dict[str, str] = {}
+        self.texts: dict[str, tuple[float, str]] = {}
 
     def put(self, replica: str, text: str) -> None:
-        self.texts[replica] = text
+        self.texts[replica] = (time.monotonic(), text)
 
     def get(self) -> dict[str, str]:
-        return dict(self.texts)
+        """The latest text of each replica heard from in the last STALE_S seconds."""
+        now = time.monotonic()
+        self.texts = {r: (t, text) for r, (t, text) in self.texts.items() if now - t < STALE_S}
+        return {r: text for r, (_, text) in self.texts.items()}
+
+
+def report_metrics(server, replica: str, hub: str, dirty: threading.Event, stop: threading.Event) -> None:
+    """A replica's reporter thread: give `server`'s metrics to the hub soon after requests (`dirty`), at most
+    every REPORT_S[0] seconds, and every REPORT_S[1] seconds regardless, until `stop`."""
+    import ray
+
+    while not stop.is_set():
+        dirty.wait(REPORT_S[1])
+        dirty.clear()
+        try:
+            ray.get_actor(hub).put.remote(replica, server.metrics.render().decode())
+        except Exception:  # noqa: BLE001 - no hub yet, or it is being remade with the ingress: the next report
+            pass
+        stop.wait(REPORT_S[0])
 
 
 def engine_class(max_loaded: int):
@@ -190,10 +212,13 @@ def engine_class(max_loaded: int):
             keep_to_loopback()
             self.server = build(options)
             self.app = create_app(self.server)
-            self.replica = serve.get_replica_context().replica_id.unique_id
+            context = serve.get_replica_context()
             self.pins = asyncio.Lock()
             self.pinned = False
-            self.hub = None
+            self.dirty, self.stop = threading.Event(), threading.Event()
+            threading.Thread(target=report_metrics, daemon=True, name="lorakit-metrics",
+                             args=(self.server, context.replica_id.unique_id, HUB.format(app=context.app_name),
+                                   self.dirty, self.stop)).start()
             self.syncing = asyncio.Lock()
             self.applied = 0  # how many of the ingress's loads and unloads this replica has carried out
 
@@ -228,7 +253,7 @@ def engine_class(max_loaded: int):
                 if path == "/v1/load_lora_adapter" and status == 200 and name:
                     await self.resident(name)  # resident here now: let Ray's router know
             finally:
-                self._report()
+                self.dirty.set()
 
         async def _sync(self, changes) -> None:
             """Carry out the loads and unloads made through other replicas (in order; an unload of an adapter
@@ -268,17 +293,14 @@ def engine_class(max_loaded: int):
                     for name in self.server.pins:
                         await self.server.registry.pin(name)
 
-        def _report(self) -> None:
-            """Give this replica's metrics, as they are after a request, to the hub."""
-            self.hub = self.hub or _hub()
-            self.hub.put.remote(self.replica, self.server.metrics.render().decode())
-
         def check_health(self) -> None:
             engine = self.server.engine
             if engine.stopping or (engine.thread is not None and not engine.thread.is_alive()):
                 raise RuntimeError("the engine has stopped")
 
         def __del__(self) -> None:
+            if hasattr(self, "stop"):
+                self.stop.set()
             server = getattr(self, "server", None)
             if server is not None:
                 server.engine.close(True, 30.0)
@@ -291,24 +313,25 @@ HOP_BY_HOP = {"content-length", "transfer-encoding", "connection"}
 
 def ingress_class():
     """The ingress: reads the adapter a request names and hands the request to a replica multiplexed by it."""
+    from ray.serve.exceptions import BackPressureError
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     class LorakitIngress:
         def __init__(self, engine) -> None:
+            import ray
+            from ray import serve
+
             keep_to_loopback()
             self.engine = engine
+            name = HUB.format(app=serve.get_replica_context().app_name)
+            self.hub = ray.remote(num_cpus=0)(MetricsHub).options(name=name, get_if_exists=True).remote()
             self.base: str | None = None
             self.changes: list[tuple[str, str, str]] = []  # loads and unloads that succeeded, in order
 
         async def __call__(self, request: Request):
-            import ray
-
             if request.url.path == "/metrics":
-                try:
-                    texts = await ray.get_actor(HUB).get.remote()
-                except ValueError:  # no replica has reported yet
-                    texts = {}
+                texts = await self.hub.get.remote()
                 return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4")
             body = await request.body()
             try:
@@ -329,6 +352,11 @@ def ingress_class():
                 if op is not None and status == 200 and name is not None:
                     self.changes.append((op, name, json.loads(body).get("lora_path", "")))
                 return Response(content, status_code=status, headers=kept)
+            except BackPressureError as e:
+                return JSONResponse({"error": {"message": f"the server is busy: {e.args[0] if e.args else 'too many'} "
+                                                          f"requests are waiting to start", "type": "rate_limit_error",
+                                               "param": None, "code": None}}, status_code=429,
+                                    headers={"Retry-After": "1"})
             except Exception as e:  # noqa: BLE001 - a replica that failed: a clean error, the ingress serves on
                 return JSONResponse(failure(e), status_code=503, headers={"Retry-After": "1"})
 
@@ -354,7 +382,9 @@ async def ended_by_error(parts: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 def application(options: ServeOptions, replicas: int = 1, autoscale: tuple[int, int] | None = None,
                 cpus: float = 1.0):
     """The Ray Serve application: the ingress and `replicas` engine replicas (or min..max, autoscaled), each
-    given `cpus` CPUs."""
+    given `cpus` CPUs. A replica takes a full batch and SPARE more requests; Ray sends the rest for an adapter
+    to another replica (which loads it) or, when every replica is full, queues up to max_queue of them in the
+    ingress, past which the ingress answers 429 as the single server does."""
     from ray import serve
 
     if autoscale is not None:
@@ -363,36 +393,57 @@ def application(options: ServeOptions, replicas: int = 1, autoscale: tuple[int, 
     else:
         scaling = {"num_replicas": replicas}
     engine = serve.deployment(engine_class(options.max_loaded), name="LorakitEngine",
-                              max_ongoing_requests=options.max_batch + options.max_queue,
+                              max_ongoing_requests=options.max_batch + SPARE, max_queued_requests=options.max_queue,
                               ray_actor_options={"num_cpus": cpus}, health_check_period_s=5, **scaling)
     ingress = serve.deployment(ingress_class(), name="LorakitIngress", num_replicas=1,
                                max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(options))
 
 
-def app(args: dict[str, str]):
-    """`serve run lorakit.serve.ray:app key=value ...`: ServeOptions' fields by name (target, model_path,
-    adapter_dir, max_loaded, api_keys, max_batch, max_queue, device, bf16; pins and adapters comma-separated,
-    adapters as NAME=PATH), plus replicas, autoscale (MIN:MAX) and cpus."""
+def app(args: dict[str, Any]):
+    """`serve run lorakit.serve.ray:app key=value ...`, or a Serve config's `args`: ServeOptions' fields by name
+    (target, model_path, task, adapter_dir, max_loaded, api_keys, max_batch, max_queue, device, bf16; pins as a
+    list or comma-separated; adapters as a NAME: PATH mapping, a list of NAME=PATH or comma-separated NAME=PATH),
+    plus replicas, autoscale (MIN:MAX) and cpus (per replica)."""
     import dataclasses
 
-    known = {f.name: f for f in dataclasses.fields(ServeOptions)}
+    extra = ("replicas", "autoscale", "cpus")
+    known = {f.name for f in dataclasses.fields(ServeOptions)} - {"host", "port"}  # Ray's proxy has those
     values: dict[str, Any] = {}
-    for key, text in args.items():
-        if key in ("replicas", "autoscale", "cpus"):
+    for key, value in args.items():
+        if key in extra:
             continue
         if key not in known:
-            raise ValueError(f"unknown argument {key!r}; expected one of {', '.join([*known, 'replicas', 'autoscale', 'cpus'])}")
+            raise ValueError(f"unknown argument {key!r}; expected one of {', '.join([*sorted(known), *extra])}")
         if key == "pins":
-            values[key] = tuple(p for p in str(text).split(",") if p)
+            values[key] = tuple(_items(value))
         elif key == "adapters":
-            values[key] = tuple(tuple(item.split("=", 1)) for item in str(text).split(",") if item)
-        elif key in ("port", "max_loaded", "max_batch", "max_queue"):
-            values[key] = int(text)
+            pairs = value.items() if isinstance(value, dict) else (item.split("=", 1) for item in _items(value))
+            values[key] = tuple((str(k), str(v)) for k, v in pairs)
+        elif key in ("max_loaded", "max_batch", "max_queue"):
+            values[key] = _count(key, value)
         else:
-            values[key] = text
+            values[key] = str(value)
     autoscale = parse_autoscale(args["autoscale"]) if "autoscale" in args else None
-    return application(ServeOptions(**values), int(args.get("replicas", 1)), autoscale, float(args.get("cpus", 1)))
+    cpus = args.get("cpus", 1)
+    try:
+        cpus = float(cpus)
+    except (TypeError, ValueError):
+        cpus = -1.0
+    if cpus <= 0:
+        raise ValueError(f"cpus takes a positive number of CPUs per replica, got {args['cpus']!r}")
+    return application(ServeOptions(**values), _count("replicas", args.get("replicas", 1)), autoscale, cpus)
+
+
+def _items(value: Any) -> list[str]:
+    """A list given as a list or as comma-separated text."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+
+
+def _count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"{key} takes a positive whole number, got {value!r}")
+    return int(value)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -421,6 +472,10 @@ def run(options: ServeOptions, replicas: int = 1, autoscale: tuple[int, int] | N
         serve.run(application(options, replicas, autoscale, cpus), name="lorakit", route_prefix="/")
         print(f"lorakit: listening on http://{options.host}:{options.port} (Ray Serve, "
               f"{f'{autoscale[0]}..{autoscale[1]}' if autoscale else replicas} replica(s))", flush=True)
+        for node in ray.nodes():
+            if node["Alive"]:
+                print(f"lorakit: Ray's own metrics: http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+                      f"/metrics", flush=True)
         stop.wait()
     finally:
         serve.shutdown()

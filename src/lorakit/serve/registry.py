@@ -110,10 +110,12 @@ class Registry:
                     start = False
             if start:
                 try:
-                    await self._load(name)
+                    await self._load(name)  # resident now, held once: this request's hold
                     pending.set_result(None)
+                    return
                 except BaseException as e:
                     pending.set_exception(e)
+                    pending.exception()  # retrieved: requests waiting on it get it; none need be
                     raise
                 finally:
                     with self.lock:
@@ -132,14 +134,18 @@ class Registry:
         loop = asyncio.get_running_loop()
         with self.engine.aside():
             spec = await loop.run_in_executor(self.reader, read_adapter, folder)
-        size = await asyncio.wrap_future(self.engine.call(lambda: self._place(name, spec, folder)))
-        with self.lock:
-            self.resident[name] = Loaded(bytes=size)
+        placed = self.engine.call(lambda: self._place(name, spec, folder))
+        try:
+            await asyncio.wrap_future(placed)
+        except asyncio.CancelledError:  # the request went away: its hold goes once the adapter is placed
+            placed.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.release(name))
+            raise
         self.events("load", name, time.perf_counter() - start)
 
-    def _place(self, name: str, spec: AdapterSpec, folder: Path) -> int:
+    def _place(self, name: str, spec: AdapterSpec, folder: Path) -> None:
         """On the engine's thread, between two steps: check the adapter against the model and build it, make
-        room, attach it. Returns its bytes."""
+        room, attach it, and count it resident, held once (by the request that loads it) — in the same step,
+        so the next load counts it."""
         model = self.engine.model
         prepared = prepare_adapter(model, spec, name, where=folder)
         with self.lock:  # victims leave `resident` at once, so no request takes one while it goes
@@ -156,7 +162,9 @@ class Registry:
         for m in holders(model):  # the engine chooses adapters per row; none is "active"
             m.active = None
         self.engine.adapters_changed()
-        return sum(t.numel() * t.element_size() for m in prepared.built.values() for t in m.parameters())
+        size = sum(t.numel() * t.element_size() for m in prepared.built.values() for t in m.parameters())
+        with self.lock:
+            self.resident[name] = Loaded(holds=1, bytes=size)
 
     def _evict(self, name: str) -> None:
         delete_adapter(self.engine.model, name)
