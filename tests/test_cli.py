@@ -86,6 +86,17 @@ def test_eval_predict_merge_inspect(reviews, tmp_path, capsys):
     assert [r["after"] for r in data["surgery"]].count("LoRA r=4 α=16") == 12 and len(data["surgery"]) == 13
 
 
+def test_inspect_a_bf16_run_as_it_evaluates(reviews, tmp_path, capsys):
+    """A bf16 run stores its frozen weights in bf16 beside fp32 LoRA weights: inspect traces it under the
+    run's autocast, as eval runs it, on any machine."""
+    run = tmp_path / "run"
+    assert run_cli(tiny_args(reviews, run) + ["--train.bf16", "true"], capsys)[0] == 0
+    page = tmp_path / "run.html"
+    code, out, _ = run_cli(["inspect", str(run), "--shapes", "--html", str(page)], capsys)
+    query = next(line for line in out.splitlines() if "query (LoraLayer)" in line)
+    assert code == 0 and query.endswith("[2×16×384] → [2×16×384]") and page.is_file()
+
+
 def test_inspect_refuses_a_folder_for_html_and_options_with_a_run(tmp_path, capsys):
     code, _, err = run_cli(["inspect", "--html", str(tmp_path)], capsys)
     assert code == 2 and "--html takes the HTML file to write" in err and err.count("\n") == 1

@@ -465,9 +465,11 @@ def inspect_run(run: str | Path, shapes: bool = False, html: str | Path | None =
         if isinstance(m, (LoraLayer, SavedModule)):
             marks[name] = "◆" if isinstance(m, LoraLayer) else "●"
             notes[name] = f"  adapter {m.active!r}: {sum(p.numel() for p in m.adapters.parameters()):,} params"
-    traced = trace(model, task.example()).module_shapes() if shapes else None
+    with task.autocast():  # as the run evaluates it: a bf16 run's frozen weights are stored in bf16
+        traced = trace(model, task.example()).module_shapes() if shapes else None
+        page = show(model, task.example(), html) if html is not None else None
     lines = [f"{type(model).__name__} — run {run}: ◆ LoRA layer, ● trains in full (modules_to_save)"]
     lines += tree_lines(model, marks, notes, traced) + ["", str(summary(model, print_fn=None))]
-    if html is not None:
-        lines.append(f"lorakit: wrote the graph of the run's model to {show(model, task.example(), html)}")
+    if page is not None:
+        lines.append(f"lorakit: wrote the graph of the run's model to {page}")
     return "\n".join(lines)
