@@ -372,6 +372,11 @@ ADAPTER_CASES = {
         d / "adapter_config.json", lambda c: c.update(lora_dropout="high")), "dropout must be in"),
     "peft unsupported option": ("peft", lambda d: edit_json(
         d / "adapter_config.json", lambda c: c.update(use_dora=True)), "use_dora=True"),
+    "peft residual init pissa_niter": ("peft", lambda d: edit_json(
+        d / "adapter_config.json", lambda c: c.update(init_lora_weights="pissa_niter_16")),
+        "init_lora_weights='pissa_niter_16'"),
+    "peft residual init loftq": ("peft", lambda d: edit_json(
+        d / "adapter_config.json", lambda c: c.update(init_lora_weights="loftq")), "the residual base"),
     "peft alpha edited": ("peft", lambda d: edit_json(d / "adapter_config.json", lambda c: c.update(lora_alpha=400)),
                           "does not match the settings"),
     "peft another type": ("peft", lambda d: edit_json(d / "adapter_config.json", lambda c: c.update(peft_type="IA3")),

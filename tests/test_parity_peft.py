@@ -106,3 +106,40 @@ def test_trainable_counts_match_peft(minilm):
     twin = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["query", "value"]))
     trainable, total = twin.get_nb_trainable_parameters()
     assert (ours.trainable, ours.total) == (trainable, total) == (73_728, ours.total)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_residual_form_adapter_is_refused_and_its_conversion_loads_exactly(tiny_llama, tmp_path, init):
+    """A PEFT PiSSA/OLoRA adapter saved as trained belongs on the residual base its initialisation made:
+    load_adapter refuses it, saying so, rather than give wrong logits on the original base. PEFT's converted
+    save (path_initial_model_for_weight_conversion: rank 2r, for the original base) loads, and lorakit on a
+    fresh unmodified base gives the trained residual model's logits."""
+    from conftest import make_tiny_llama
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=init)
+    model = peft.get_peft_model(tiny_llama, config)
+    model.peft_config["default"].init_lora_weights = True  # the initial adapter, saved for the conversion
+    model.save_pretrained(tmp_path / "initial")
+    model.peft_config["default"].init_lora_weights = init
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # "training": the adapter moves away from its initial value
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = torch.randint(0, 120, (2, 7), generator=g)
+    with torch.no_grad():
+        trained = model(ids).logits
+    model.save_pretrained(tmp_path / "residual")
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+
+    base = make_tiny_llama()
+    with torch.no_grad():
+        plain = base(ids).logits
+    with pytest.raises(lorakit.AdapterFileError, match=f"init_lora_weights='{init}'.*residual base"):
+        lorakit.load_adapter(base, tmp_path / "residual")
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in base.modules())  # nothing changed
+    lorakit.load_adapter(base, tmp_path / "converted")
+    with torch.no_grad():
+        ours = base(ids).logits
+    torch.testing.assert_close(ours, trained, atol=1e-5, rtol=0)
+    assert (ours - plain).abs().max() > 1e-3

@@ -50,6 +50,11 @@ _NATIVE_KEYS = {"format_version", "library", "lorakit_version", "adapter", "lora
                 "biases", "base", "weights_sha256"}
 _PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
                      "layers_to_transform": None, "trainable_token_indices": None, "alora_invocation_tokens": None}
+# PEFT initialisations that replace the base's weights by a residual (W0 - B0·A0 for PiSSA, OLoRA, CorDA, ASTRA,
+# LoRA-GA; a quantized W0 - B·A for LoftQ): an adapter saved with one of them in its config belongs on that
+# residual base, not on the original one. (PEFT's converted save, path_initial_model_for_weight_conversion,
+# writes init_lora_weights = true.)
+_PEFT_RESIDUAL_INITS = ("pissa", "corda", "astra", "olora", "loftq", "lora_ga")
 
 
 class AdapterFileError(ValueError):
@@ -559,6 +564,13 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
     for key, neutral in _PEFT_UNSUPPORTED.items():
         if config.get(key, neutral) not in (neutral, None, False, [], {}):
             raise AdapterFileError(f"{config_path} uses PEFT option {key}={config[key]!r}, which lorakit does not support")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_PEFT_RESIDUAL_INITS):
+        raise AdapterFileError(
+            f"{config_path} has init_lora_weights={init!r}: PEFT saved it for the residual base that initialisation "
+            f"made (the base's weights minus the initial adapter), so on the original base it would give wrong "
+            f"outputs; save it from PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...) to "
+            f"get an adapter for the original base")
     alpha_pattern = _typed(config.get("alpha_pattern") or {}, dict, "alpha_pattern")
     settings = {"dropout": config.get("lora_dropout", 0.0), "rslora": _typed(config.get("use_rslora", False), bool, "use_rslora"),
                 "bias": config.get("bias", "none")}
