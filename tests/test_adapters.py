@@ -274,3 +274,28 @@ def test_mixed_batch_validates(tiny_llama):
         with lorakit.mixed_batch(tiny_llama, ["user1", "user2", None]):
             tiny_llama(torch.randint(0, 120, (2, 5)))
     assert all(m.rows is None for m in tiny_llama.modules() if isinstance(m, LoraLayer))
+
+
+def test_loraplus_groups_give_b_the_ratio_of_the_learning_rate(tiny_llama):
+    """param_groups: B at lr × ratio, A and other trained weights at lr; one AdamW step then moves every B
+    entry ratio times as far as A's (Adam's first step is lr per entry whatever the gradient's size)."""
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, alpha=8)
+    randomize(tiny_llama)  # B ≠ 0, so A gets a gradient too
+    head = tiny_llama.lm_head.weight
+    head.requires_grad_(True)
+    assert len(lorakit.param_groups(tiny_llama, lr=1e-3)) == 1
+    assert lorakit.param_groups(tiny_llama, lr=1e-3)[0]["params"] == [p for p in tiny_llama.parameters() if p.requires_grad]
+    groups = lorakit.param_groups(tiny_llama, lr=1e-3, loraplus_ratio=16)
+    adapters = [m for m in tiny_llama.modules() if isinstance(m, lorakit.LoraAdapter)]
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    assert {id(p) for p in groups[1]["params"]} == {id(a.lora_b) for a in adapters}
+    assert any(p is head for p in groups[0]["params"])
+    before = {id(p): p.detach().clone() for g in groups for p in g["params"]}
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    tiny_llama(torch.randint(0, 120, (2, 6))).logits.square().mean().backward()
+    optimizer.step()
+    moved_a = max((a.lora_a - before[id(a.lora_a)]).abs().max().item() for a in adapters)
+    moved_b = max((a.lora_b - before[id(a.lora_b)]).abs().max().item() for a in adapters)
+    assert moved_a == pytest.approx(1e-3, rel=1e-3) and moved_b == pytest.approx(16e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="loraplus_ratio must be a finite number > 0, got -1"):
+        lorakit.param_groups(tiny_llama, lr=1e-3, loraplus_ratio=-1)

@@ -493,3 +493,28 @@ def test_metrics_are_strict_json_when_a_metric_is_not_finite(reviews, tiny_bert,
 
     lines = [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in lines if r["event"] == "val"] == [None, None]
+
+
+def test_a_resumed_loraplus_run_keeps_b_at_its_ratio_of_the_new_rate(tiny_llama):
+    """--resume --train.lr X gives every optimizer group the new rate, B's group (LoRA+) still ×ratio."""
+    from lorakit.train.config import build_config
+    from lorakit.train.recipe import _apply_resume_changes
+
+    import lorakit
+
+    lorakit.inject(tiny_llama, ["q_proj"], r=2)
+    optimizer = torch.optim.AdamW(lorakit.param_groups(tiny_llama, lr=1e-2, loraplus_ratio=16))
+    half = lambda step: 0.5  # noqa: E731 - the schedule's factor at the current step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, half)
+    _apply_resume_changes(build_config({"train": {"lr": 4e-3, "loraplus_ratio": 16}}), optimizer, scheduler, half)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-3, 32e-3])
+    assert scheduler.base_lrs == pytest.approx([4e-3, 64e-3])
+
+
+def test_train_with_loraplus(reviews, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(tiny_args(reviews, run, "--train.loraplus_ratio", "16", "--train.epochs", "1"), capsys)
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["train"]["loraplus_ratio"] == 16
+    code, _, err = run_cli(tiny_args(reviews, tmp_path / "bad", "--train.loraplus_ratio", "0"), capsys)
+    assert code == 2 and "train.loraplus_ratio must be a finite number > 0" in err and err.count("\n") == 1

@@ -134,3 +134,8 @@ def test_a_lora_setting_is_defined_once_and_reaches_inject_the_file_and_inspect(
         code = cli.main(["inspect", "--data.path", str(reviews), "--data.text_column", "review", "--data.label_column",
                          "verdict", "--model.path", str(tiny_bert), f"--lora.{f.name}", str(value)])
         assert code == 0 and f"{f.name}={value}" in capsys.readouterr().out, f.name
+
+
+def test_loraplus_ratio_is_checked():
+    with pytest.raises(ConfigError, match=r"train.loraplus_ratio must be a finite number > 0 .*got 0"):
+        build_config({"train": {"loraplus_ratio": 0}})

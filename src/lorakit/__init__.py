@@ -11,6 +11,7 @@ from .fused import FastDropout, fast_dropout
 from .inject import InjectReport, Replacement, freeze, inject, replace_module
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, is_hf_conv1d, kind_of
 from .merge import MergeReport, merge, merge_and_unload, unmerge
+from .optim import param_groups
 from .qlora import QuantReport, StorageTable, quantize_base, storage_table
 from .quant import dequantize, is_quantized
 from .summary import Summary, summary
@@ -25,6 +26,6 @@ __all__ = [
     "mixed_batch", "read_adapter", "prepare_adapter", "attach_adapter", "save_adapter", "set_adapter",
     "FastDropout", "Geometry", "InjectReport", "LoraAdapter", "LoraConfig", "LoraLayer", "Replacement", "Summary",
     "freeze", "inject", "is_hf_conv1d", "kind_of", "lora_layers", "merge", "merge_and_unload",
-    "output_head", "replace_module", "resolve_targets", "show", "summary", "unmerge",
+    "output_head", "param_groups", "replace_module", "resolve_targets", "show", "summary", "unmerge",
     "MergeReport", "QuantReport", "StorageTable", "dequantize", "is_quantized", "quantize_base", "storage_table",
 ]

@@ -128,7 +128,8 @@ class TrainSection:
     (one is also written at each epoch's end and on Ctrl-C). max_steps: stop early (smoke tests).
     distributed: how several ranks (torchrun, or `lorakit train --nproc N`) share the model: "ddp"
     (each holds all of it; trainable gradients are averaged) or "fsdp" (FSDP2: every weight sharded
-    across ranks); batch_size is per rank, so a step sees ranks × batch_size examples."""
+    across ranks); batch_size is per rank, so a step sees ranks × batch_size examples. loraplus_ratio: LoRA+
+    (Hayou et al. 2024): every adapter's B trains at lr × this, the rest at lr (the paper suggests 16)."""
 
     epochs: int = 2
     batch_size: int = 32
@@ -147,6 +148,7 @@ class TrainSection:
     checkpoint_every: int = 50
     max_steps: int | None = None
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    loraplus_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "checkpoint_every"):
@@ -155,6 +157,7 @@ class TrainSection:
             _positive(self, "max_steps", "train")
         _number(self, "lr", "train", "> 0", lambda v: v > 0)
         _number(self, "weight_decay", "train", ">= 0", lambda v: v >= 0)
+        _number(self, "loraplus_ratio", "train", "> 0 (B's learning rate over A's; 1 for plain LoRA)", lambda v: v > 0)
         _number(self, "warmup", "train", "in [0, 1) (a fraction of the steps)", lambda v: 0 <= v < 1)
         if self.max_grad_norm is not None:
             _number(self, "max_grad_norm", "train", "> 0, or none for no clipping", lambda v: v > 0)

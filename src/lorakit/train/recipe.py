@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import atomic, fast_dropout, inject, summary, tensorfile
+from .. import atomic, fast_dropout, inject, param_groups, summary, tensorfile
 from ..inject import InjectReport
 from ..files import adapter_spec, only_active, write_adapter
 from . import checkpoint, distributed
@@ -200,7 +200,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool, overwrite: bool, changes: di
         raise RunError("no trainable parameters; check lora.method and lora.targets")
     trained = distributed.wrap(model, dist, find_unused=cfg.lora.method != "lora")
     params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in sharded ones
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.loraplus_ratio))
     n_batches = len(task.splits["train"].batches(cfg.train.batch_size * dist.world, 0, True))
     total = cfg.train.max_steps or cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum)
     factor = schedule(cfg, total)
@@ -360,11 +360,13 @@ def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn
 
 def _apply_resume_changes(cfg: RunConfig, optimizer, scheduler, factor) -> None:
     """Give the restored optimizer and schedule the new learning rate and step budget: the rate at the
-    current step is the new base rate times the (new) schedule's factor there."""
-    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    current step is the new base rate times the (new) schedule's factor there; each group keeps its rate's
+    ratio to the first group's (LoRA+'s B group)."""
+    first = optimizer.param_groups[0]["initial_lr"]
     for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.train.lr
-        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
+        group["initial_lr"] = cfg.train.lr * group["initial_lr"] / first
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
