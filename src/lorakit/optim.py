@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import LoraAdapter
+from .layers import LoraAdapter, _real
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -21,11 +21,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
     (PEFT's `create_loraplus_optimizer` also gives 1-D parameters B's rate and embedding adapters a fixed
     1e-6; here only B's rate changes, as in the paper.)"""
-    for name, value, ok in (("lr", lr, lambda v: v > 0), ("weight_decay", weight_decay, lambda v: v >= 0),
-                            ("loraplus_ratio", loraplus_ratio, lambda v: v > 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise ValueError(f"{name} must be a finite number {'>= 0' if name == 'weight_decay' else '> 0'}, "
-                             f"got {value!r}")
+    for name, value, allowed, ok in (("lr", lr, "> 0", lambda v: v > 0),
+                                     ("weight_decay", weight_decay, ">= 0", lambda v: v >= 0),
+                                     ("loraplus_ratio", loraplus_ratio, "> 0", lambda v: v > 0)):
+        if not (_real(value) and math.isfinite(value) and ok(value)):
+            raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if loraplus_ratio == 1:
         return [{"params": trainable, "lr": lr, "weight_decay": weight_decay}]

@@ -443,12 +443,13 @@ def inspect(cfg: RunConfig, shapes: bool = False, html: str | Path | None = None
     report = inject_from_config(cfg, task, dry_run=True)
     marks = {name: "●" for name in head} | {r.name: "◆" for r in report.replaced}
     notes = {r.name: f"  + {r.params:,} LoRA params" for r in report.replaced}
-    traced = trace(model, task.example()).module_shapes() if shapes else None
+    example = task.example()
+    traced = trace(model, example).module_shapes() if shapes else None
     lines = [f"{type(model).__name__} — ◆ LoRA target, ● trains in full (modules_to_save)"]
     lines += tree_lines(model, marks, notes, traced) + ["", str(report)]
     if html is not None:
         inject_from_config(cfg, task)
-        lines.append(f"lorakit: wrote the graph of the adapted model to {show(model, task.example(), html)}")
+        lines.append(f"lorakit: wrote the graph of the adapted model to {show(model, example, html)}")
     return "\n".join(lines)
 
 
@@ -467,9 +468,10 @@ def inspect_run(run: str | Path, shapes: bool = False, html: str | Path | None =
         if isinstance(m, (LoraLayer, SavedModule)):
             marks[name] = "◆" if isinstance(m, LoraLayer) else "●"
             notes[name] = f"  adapter {m.active!r}: {sum(p.numel() for p in m.adapters.parameters()):,} params"
+    example = task.example()
     with task.autocast():  # as the run evaluates it: a bf16 run's frozen weights are stored in bf16
-        traced = trace(model, task.example()).module_shapes() if shapes else None
-        page = show(model, task.example(), html) if html is not None else None
+        traced = trace(model, example).module_shapes() if shapes else None
+        page = show(model, example, html) if html is not None else None
     lines = [f"{type(model).__name__} — run {run}: ◆ LoRA layer, ● trains in full (modules_to_save)"]
     lines += tree_lines(model, marks, notes, traced) + ["", str(summary(model, print_fn=None))]
     if page is not None:
