@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import LoraAdapter, _real
+from .layers import LoraAdapter
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -24,7 +24,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     for name, value, allowed, ok in (("lr", lr, "> 0", lambda v: v > 0),
                                      ("weight_decay", weight_decay, ">= 0", lambda v: v >= 0),
                                      ("loraplus_ratio", loraplus_ratio, "> 0", lambda v: v > 0)):
-        if not (_real(value) and math.isfinite(value) and ok(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and ok(value)):
             raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if loraplus_ratio == 1:
