@@ -371,7 +371,11 @@ ADAPTER_CASES = {
     "peft dropout a string": ("peft", lambda d: edit_json(
         d / "adapter_config.json", lambda c: c.update(lora_dropout="high")), "dropout must be in"),
     "peft unsupported option": ("peft", lambda d: edit_json(
-        d / "adapter_config.json", lambda c: c.update(use_dora=True)), "use_dora=True"),
+        d / "adapter_config.json", lambda c: c.update(lora_bias=True)), "lora_bias=True"),
+    "peft use_dora without magnitudes": ("peft", lambda d: edit_json(
+        d / "adapter_config.json", lambda c: c.update(use_dora=True)), "lacks lora_magnitude_vector"),
+    "peft use_dora a string": ("peft", lambda d: edit_json(
+        d / "adapter_config.json", lambda c: c.update(use_dora="yes")), "use_dora must be a bool"),
     "peft residual init pissa_niter": ("peft", lambda d: edit_json(
         d / "adapter_config.json", lambda c: c.update(init_lora_weights="pissa_niter_16")),
         "init_lora_weights='pissa_niter_16'"),

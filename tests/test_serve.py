@@ -35,17 +35,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapters(model_dir: Path, out: Path, names: list[str], fmt: str = "lorakit", seed: int = 0) -> None:
+def make_adapters(model_dir: Path, out: Path, names: list[str], fmt: str = "lorakit", seed: int = 0,
+                  dora: bool = False) -> None:
     from transformers import AutoModelForCausalLM
 
     for i, name in enumerate(names):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        lorakit.inject(model, ["q_proj", "v_proj"] if i % 2 else "all-linear", r=4, alpha=16)
+        lorakit.inject(model, ["q_proj", "v_proj"] if i % 2 else "all-linear", r=4, alpha=16, dora=dora)
         g = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, lorakit.LoraAdapter):
                     m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.5)
+                    if m.magnitude is not None:
+                        m.magnitude.mul_(1 + 0.5 * torch.randn(m.magnitude.shape, generator=g))
         lorakit.save_adapter(model, out / name, format=fmt, print_fn=lambda *a: None)
 
 
@@ -99,7 +102,8 @@ def setup(tmp_path_factory, smollm2_dir):
     tmp = tmp_path_factory.mktemp("serve")
     model_dir = save_tiny_llama(tmp / "model", smollm2_dir, 32)
     adapters = tmp / "adapters"
-    make_adapters(model_dir, adapters, ["a0", "a1", "a2"])
+    make_adapters(model_dir, adapters, ["a0", "a1"])
+    make_adapters(model_dir, adapters, ["a2"], seed=2, dora=True)
     make_adapters(model_dir, adapters, ["p3"], fmt="peft", seed=10)
     other = save_tiny_llama(tmp / "other", smollm2_dir, 48)
     make_adapters(other, tmp / "foreign", ["f0"])
@@ -142,6 +146,26 @@ def test_completions_and_chat_plain_and_streamed(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
     raw = server.post("/v1/completions", {"model": "a1", "prompt": "x", "max_tokens": 3, "stream": True}).text
     assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_a_dora_adapter_is_served(server):
+    """a2 is DoRA: it answers, greedily the same alone and beside other adapters' streams, unlike the base."""
+    client = server.client()
+    alone = client.completions.create(model="a2", prompt="To be, or not to be", max_tokens=8, temperature=0)
+    base = client.completions.create(model="model", prompt="To be, or not to be", max_tokens=8, temperature=0)
+    assert alone.usage.completion_tokens >= 1 and alone.choices[0].text != base.choices[0].text
+    results = {}
+
+    def ask(name):
+        results[name] = client.completions.create(model=name, prompt="To be, or not to be", max_tokens=8,
+                                                  temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in ("a2", "a0", "model")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["a2"] == alone.choices[0].text and results["model"] == base.choices[0].text
 
 
 def test_tgi_generate_and_the_lorax_client(server):

@@ -25,18 +25,21 @@ class Tokens:
 
 
 def adapted(n: int = 8) -> torch.nn.Module:
-    """The tiny Llama in float64 with adapters a0..a{n-1} (random, different ranks and targets)."""
+    """The tiny Llama in float64 with adapters a0..a{n-1} (random, different ranks and targets; every third one
+    DoRA, with its magnitudes moved off ‖W0‖)."""
     model = make_tiny_llama().double()
     for i in range(n):
         targets = ["q_proj", "v_proj"] if i % 2 else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                         "down_proj"]
-        lorakit.inject(model, targets, r=2 + i % 3, alpha=8, adapter=f"a{i}")
+        lorakit.inject(model, targets, r=2 + i % 3, alpha=8, adapter=f"a{i}", dora=i % 3 == 0)
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for layer in [m for m in model.modules() if isinstance(m, lorakit.LoraLayer)]:
                 if f"a{i}" in layer.adapters:
                     a = layer.adapters[f"a{i}"]
                     a.lora_b.copy_(torch.randn(a.lora_b.shape, generator=g, dtype=torch.float64) * 0.5)
+                    if a.magnitude is not None:
+                        a.magnitude.mul_(1 + 0.3 * torch.randn(a.magnitude.shape, generator=g, dtype=torch.float64))
     return model
 
 

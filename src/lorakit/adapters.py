@@ -158,6 +158,11 @@ def combine_adapters(
     check_name(name)
     if name in list_adapters(model):
         raise ValueError(f"adapter {name!r} already exists; choose a new name")
+    doras = sorted({n for _, m in lora_layers(model) for n in weights
+                    if n in m.adapters and m.adapters[n].magnitude is not None})
+    if doras:
+        raise ValueError(f"cannot combine DoRA adapter(s) {', '.join(map(repr, doras))}: DoRA rescales the whole "
+                         f"weight, so its change is not a low-rank ΔW that adds up; merge one at a time instead")
     if method not in ("linear", "svd"):
         raise ValueError(f"method must be 'linear' or 'svd', got {method!r}")
     if method == "svd" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):

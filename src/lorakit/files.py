@@ -11,10 +11,10 @@ the modules trained in full, the trained biases, the base), so a file whose tens
 changed after saving is refused — PEFT reads the same file and ignores the metadata. lorakit's config also
 holds the sha256 of the whole weights file.
 
-Tensor keys, lorakit format: `{layer}.lora_a`, `{layer}.lora_b`, `{module}.{param}` for a module in
-`modules_to_save`, `{module}.bias` for biases trained under `bias="all"`/`"lora_only"`.
+Tensor keys, lorakit format: `{layer}.lora_a`, `{layer}.lora_b`, `{layer}.magnitude` (DoRA), `{module}.{param}`
+for a module in `modules_to_save`, `{module}.bias` for biases trained under `bias="all"`/`"lora_only"`.
 PEFT format: the same under `base_model.model.`, with `lora_A.weight`/`lora_B.weight` (Embedding:
-`lora_embedding_A`/`lora_embedding_B`), as PEFT's `save_pretrained` writes them.
+`lora_embedding_A`/`lora_embedding_B`) and `lora_magnitude_vector`, as PEFT's `save_pretrained` writes them.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ BASE_KEY, SETTINGS_KEY = "lorakit.base", "lorakit.settings"  # in the weights fi
 PEFT_PREFIX = "base_model.model."
 _NATIVE_KEYS = {"format_version", "library", "lorakit_version", "adapter", "lora", "layers", "modules_to_save",
                 "biases", "base", "weights_sha256"}
-_PEFT_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "target_parameters": None, "layer_replication": None,
+_PEFT_UNSUPPORTED = {"lora_bias": False, "target_parameters": None, "layer_replication": None,
                      "layers_to_transform": None, "trainable_token_indices": None, "alora_invocation_tokens": None}
 # PEFT initialisations that replace the base's weights by a residual (W0 - B0·A0 for PiSSA, OLoRA, CorDA, ASTRA,
 # LoRA-GA; a quantized W0 - B·A for LoftQ): an adapter saved with one of them in its config belongs on that
@@ -76,9 +76,11 @@ class AdapterSpec:
 
     layers: dict[str, tuple[LoraConfig, Slices | None]]
     lora: dict[str, tuple[Tensor, Tensor]]  # layer → (lora_a, lora_b) in lorakit's shapes
+    magnitude: dict[str, Tensor] = field(default_factory=dict)  # layer → DoRA's m (out,), for DoRA layers
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → its state_dict
     biases: dict[str, Tensor] = field(default_factory=dict)  # module → trained bias
     base: dict | None = None  # fingerprint, when the file has one
+    base_weights: dict[str, Tensor] = field(default_factory=dict)  # layer → its frozen weight, where PEFT saved it
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -189,19 +191,21 @@ def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
     if adapter not in list_adapters(model):
         raise ValueError(f"no adapter {adapter!r} on {type(model).__name__}; adapters: "
                          f"{', '.join(list_adapters(model)) or 'none'}")
-    layers, lora, saved, biases = {}, {}, {}, {}
+    layers, lora, saved, biases, magnitude = {}, {}, {}, {}, {}
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, LoraLayer) and adapter in m.adapters:
                 a = m.adapters[adapter]
                 layers[name] = (a.config, a.slices)
                 lora[name] = (full_tensor(a.lora_a.detach()), full_tensor(a.lora_b.detach()))
+                if a.magnitude is not None:
+                    magnitude[name] = full_tensor(a.magnitude.detach())
             elif isinstance(m, SavedModule) and adapter in m.adapters:
                 saved[name] = {k: full_tensor(v.detach()) for k, v in m.adapters[adapter].state_dict().items()}
         bias_mode = next(iter(layers.values()))[0].bias if layers else "none"
         if bias_mode != "none":
             biases = {k: full_tensor(v) for k, v in _trained_biases(model, adapter, bias_mode).items()}
-    return AdapterSpec(layers, lora, saved, biases, fingerprint(model, list(layers)))
+    return AdapterSpec(layers, lora, magnitude, saved, biases, fingerprint(model, list(layers)))
 
 
 def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
@@ -222,6 +226,8 @@ def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
         expected = LoraAdapter(layer.geometry, layer.config, layer.slices, device="meta")
         check(f"{name}.lora_a", a, expected.lora_a.shape)
         check(f"{name}.lora_b", b, expected.lora_b.shape)
+        if expected.magnitude is not None:
+            check(f"{name}.magnitude", spec.magnitude.get(name, torch.empty(0)), expected.magnitude.shape)
     for name, state in spec.saved.items():
         own = model.get_submodule(name).original.state_dict()
         for k, v in state.items():
@@ -329,7 +335,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 def settings_digest(spec: AdapterSpec) -> str:
     """sha256 of what an adapter computes besides its tensors: each layer's rank, scale and output slices,
     the modules that train in full, the trained biases and the base fingerprint."""
-    layers = {name: [c.r, float(c.scale).hex(), [list(s) for s in sl] if sl else None]
+    layers = {name: [c.r, float(c.scale).hex(), [list(s) for s in sl] if sl else None, *(["dora"] if c.dora else [])]
               for name, (c, sl) in spec.layers.items()}
     doc = {"layers": layers, "saved": sorted(spec.saved), "biases": sorted(spec.biases), "base": spec.base}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -352,6 +358,7 @@ def _to_native(spec: AdapterSpec, adapter: str) -> tuple[dict[str, Tensor], dict
     tensors = {}
     for name, (a, b) in spec.lora.items():
         tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a, b
+    tensors.update({f"{name}.magnitude": m for name, m in spec.magnitude.items()})
     for module, state in spec.saved.items():
         tensors.update({f"{module}.{k}": v for k, v in state.items()})
     tensors.update({f"{module}.bias": b for module, b in spec.biases.items()})
@@ -382,6 +389,9 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
         else:
             tensors[f"{key}.lora_A.weight"] = adapter.lora_a.detach()
             tensors[f"{key}.lora_B.weight"] = up[:, :, None, None] if kind == "conv2d" else up
+        if layer_name in spec.magnitude:
+            m = spec.magnitude[layer_name]
+            tensors[f"{key}.lora_magnitude_vector"] = m.view(1, -1, 1, 1) if kind == "conv2d" else m
         rank = adapter.lora_a.shape[0]
         ranks[layer_name] = rank
         alphas[layer_name] = adapter.scale * (rank ** 0.5 if config.rslora else rank)
@@ -396,7 +406,7 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "r": r0, "lora_alpha": a0, "lora_dropout": c0.dropout, "use_rslora": c0.rslora, "bias": c0.bias,
         "target_modules": sorted(spec.layers), "modules_to_save": sorted(spec.saved) or None,
-        "fan_in_fan_out": has_conv1d, "init_lora_weights": True,
+        "fan_in_fan_out": has_conv1d, "init_lora_weights": True, "use_dora": c0.dora,
         "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
     }
@@ -528,6 +538,7 @@ def _slices(value: object, what: str) -> Slices | None:
 def _from_native(config: dict, tensors: dict[str, Tensor], config_path: Path) -> AdapterSpec:
     lora = _typed(config["lora"], dict, "lora")
     settings = {k: lora[k] for k in ("dropout", "rslora", "init", "bias")}
+    settings["dora"] = lora.get("dora", False)  # absent from files written before DoRA
     layers = {}
     for name, v in _typed(config["layers"], dict, "layers").items():
         _typed(v, dict, f"layers.{name}")
@@ -539,6 +550,8 @@ def _from_native(config: dict, tensors: dict[str, Tensor], config_path: Path) ->
     for name in layers:
         try:
             spec.lora[name] = (remaining.pop(f"{name}.lora_a"), remaining.pop(f"{name}.lora_b"))
+            if settings["dora"]:
+                spec.magnitude[name] = remaining.pop(f"{name}.magnitude")
         except KeyError as e:
             raise AdapterFileError(f"{WEIGHTS_NAME} lacks tensor {e.args[0]!r} named in {CONFIG_NAME}") from None
     for name in bias_names:
@@ -555,7 +568,8 @@ def _from_native(config: dict, tensors: dict[str, Tensor], config_path: Path) ->
     return spec
 
 
-_PEFT_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?")
+_PEFT_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                       r"(\.weight)?")
 
 
 def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> AdapterSpec:
@@ -573,20 +587,26 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
             f"get an adapter for the original base")
     alpha_pattern = _typed(config.get("alpha_pattern") or {}, dict, "alpha_pattern")
     settings = {"dropout": config.get("lora_dropout", 0.0), "rslora": _typed(config.get("use_rslora", False), bool, "use_rslora"),
-                "bias": config.get("bias", "none")}
+                "bias": config.get("bias", "none"), "dora": _typed(config.get("use_dora", False), bool, "use_dora")}
     pairs: dict[str, dict[str, Tensor]] = {}
     rest: dict[str, Tensor] = {}
     for key, value in tensors.items():
         key = key.removeprefix(PEFT_PREFIX)
         m = _PEFT_KEY.fullmatch(key)
         if m:
-            pairs.setdefault(m["module"], {})[m["part"][-1]] = value
+            part = "m" if m["part"] == "lora_magnitude_vector" else m["part"][-1]
+            pairs.setdefault(m["module"], {})[part] = value
         else:
             rest[key] = value
     spec = AdapterSpec({}, {})
     for name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} has only lora_{''.join(ab)} for {name!r}")
+        if set(ab) - {"m"} != {"A", "B"}:
+            raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} has only lora_{''.join(sorted(set(ab) - {'m'}))} "
+                                   f"for {name!r}")
+        if ("m" in ab) != settings["dora"]:
+            raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME}: {name!r} " + (
+                "lacks lora_magnitude_vector, which use_dora = true needs" if settings["dora"]
+                else "has a lora_magnitude_vector but its config has use_dora = false"))
         a, b = ab["A"], ab["B"]
         b = b.flatten(1) if b.ndim == 4 else b  # Conv2d B: (out, r, 1, 1)
         if a.ndim < 2 or b.ndim != 2:
@@ -597,6 +617,8 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
                      config.get("lora_alpha", r))
         spec.layers[name] = (LoraConfig(r=r, alpha=alpha, **settings), None)
         spec.lora[name] = (a, b)
+        if "m" in ab:
+            spec.magnitude[name] = ab["m"].flatten()  # Conv2d: (1, out, 1, 1)
     saved = _names(config.get("modules_to_save") or [], "modules_to_save")
     for key, value in rest.items():
         root = _saved_root(key, saved)
@@ -604,6 +626,9 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
             spec.saved.setdefault(root, {})[key[len(root) + 1:]] = value
         elif key.endswith(".bias") and settings["bias"] != "none":
             spec.biases[key.removesuffix(".bias")] = value
+        elif key.endswith(".base_layer.weight") and key.removesuffix(".base_layer.weight") in spec.layers:
+            # save_embedding_layers (PEFT's default when an embedding is adapted) writes the base's own weight
+            spec.base_weights[key.removesuffix(".base_layer.weight")] = value
         else:
             raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME} has tensor {key!r} that its config "
                                    f"does not explain")
@@ -651,6 +676,14 @@ def _check_fits(model: nn.Module, spec: AdapterSpec, force: bool, where: Path) -
         for key, got, want in zip(("lora_a", "lora_b"), spec.lora[name], expected):
             if tuple(got.shape) != tuple(want):
                 problems.append(f"{name}.{key} has shape {tuple(got.shape)} in the file but {tuple(want)} here")
+        m = spec.magnitude.get(name)
+        if m is not None and tuple(m.shape) != (geometry.out_features,):
+            problems.append(f"{name}.magnitude has shape {tuple(m.shape)} in the file but ({geometry.out_features},) here")
+        w = spec.base_weights.get(name)
+        if w is not None and not (w.shape == base.weight.shape and torch.allclose(
+                w.to(base.weight.dtype).float(), base.weight.detach().float().cpu())):
+            problems.append(f"{name}: the file carries the base weight it was trained with (PEFT's "
+                            f"save_embedding_layers), and it differs from this model's (a resized or retrained layer)")
         plan[name] = (module, config, slices)
     for module_name, state in spec.saved.items():
         if (module := find(module_name, "module (modules_to_save)")) is None:
@@ -718,12 +751,12 @@ def place_adapter(model: nn.Module, spec: AdapterSpec, name: str, trainable: boo
     return attach_adapter(model, prepare_adapter(model, spec, name, force, where), trainable)
 
 
-def _built(base: nn.Module, config: LoraConfig, slices: Slices | None, weights: tuple[Tensor, Tensor]) -> LoraAdapter:
-    """An adapter for base layer `base` holding `weights` (A, possibly flattened, and B), on the base's device;
-    nothing is initialised."""
+def _built(base: nn.Module, config: LoraConfig, slices: Slices | None, weights: tuple[Tensor, ...]) -> LoraAdapter:
+    """An adapter for base layer `base` holding `weights` (A, possibly flattened, B, and DoRA's magnitude), on
+    the base's device; nothing is initialised."""
     adapter = LoraAdapter(Geometry.of(base), config, slices, torch.device("meta"))
     device, dtype = adapter_home(base)
-    for key, value in zip(("lora_a", "lora_b"), weights):
+    for key, value in zip(("lora_a", "lora_b", "magnitude"), weights):
         shape = getattr(adapter, key).shape
         setattr(adapter, key, nn.Parameter(value.detach().reshape(shape).to(device, dtype, copy=True)))
     return adapter
@@ -756,7 +789,8 @@ def prepare_adapter(model: nn.Module, spec: AdapterSpec, name: str, force: bool 
     bases: dict[str, nn.Module] = {}
     for layer_name, (module, config, slices) in plan.items():
         bases[layer_name] = base_of(module)
-        built[layer_name] = _built(bases[layer_name], config, slices, spec.lora[layer_name])
+        magnitude = (spec.magnitude[layer_name],) if config.dora else ()
+        built[layer_name] = _built(bases[layer_name], config, slices, (*spec.lora[layer_name], *magnitude))
     for module_name, state in spec.saved.items():
         module = model.get_submodule(module_name)
         bases[module_name] = module.original if isinstance(module, SavedModule) else module
@@ -805,6 +839,8 @@ def _copy_in(model: nn.Module, spec: AdapterSpec, name: str) -> None:
         adapter = model.get_submodule(layer_name).adapters[name]
         adapter.lora_a.copy_(a.view_as(adapter.lora_a))
         adapter.lora_b.copy_(b)
+        if adapter.magnitude is not None:
+            adapter.magnitude.copy_(spec.magnitude[layer_name])
     for module_name, state in spec.saved.items():
         model.get_submodule(module_name).adapters[name].load_state_dict(state, strict=True)
     for module_name, b in spec.biases.items():
@@ -837,6 +873,8 @@ def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: b
         if config.r != adapter.config.r or slices != adapter.slices:
             problems.append(f"{layer_name} has r={config.r}, slices={slices} in the file but r={adapter.config.r}, "
                             f"slices={adapter.slices} loaded")
+        if config.dora != adapter.config.dora:
+            problems.append(f"{layer_name} has dora={config.dora} in the file but dora={adapter.config.dora} loaded")
     bias_now = next(iter(model.get_submodule(n).adapters[name].config.bias for n in spec.layers))
     bias_new = next(iter(spec.layers.values()))[0].bias
     if bias_now != bias_new:

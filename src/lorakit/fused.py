@@ -128,17 +128,17 @@ def plain_update(x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, p: f
     return torch.addmm(y, xd @ a.to(x.dtype).t(), up.to(x.dtype).t(), alpha=scale)
 
 
-def add_update(adapter: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def add_update(adapter: nn.Module, x: Tensor, y: Tensor, dropout: bool = True) -> Tensor:
     """y + s · B·A·dropout(x): the base's output y with the adapter's update added, the fastest way for the
-    device and mode (see the module docstring). The matmuls run in y's dtype when it is 16-bit (a bf16 base
-    or autocast) and in the adapter's dtype otherwise."""
+    device and mode (see the module docstring); x as it is with dropout=False. The matmuls run in y's dtype
+    when it is 16-bit (a bf16 base or autocast) and in the adapter's dtype otherwise."""
     g = adapter.geometry
     if g.kind not in ("linear", "conv1d"):
         return y + adapter(x).to(y.dtype)
     dtype = y.dtype if y.dtype in (torch.bfloat16, torch.float16) else adapter.lora_a.dtype
     x2 = x.reshape(-1, g.in_features).to(dtype)  # (N, in)
     y2 = y.reshape(-1, g.out_features).to(dtype)  # (N, out)
-    p = adapter.config.dropout if adapter.training else 0.0
+    p = adapter.config.dropout if adapter.training and dropout else 0.0
     device = x.device.type
     if torch.is_grad_enabled() and device != "cpu":
         out = plain_update(x2, y2, adapter.lora_a, adapter.up(), adapter.scale, p)

@@ -85,8 +85,9 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
                              f"{', '.join(module.adapters)}); use another adapter name or merge_and_unload first")
         g = Geometry.of(base_of(module))
         a_shape, b_shape = LoraAdapter.shapes(g, config, slices)
+        magnitude = g.out_features if config.dora else 0
         replaced.append(Replacement(name, g.kind, g.in_features, g.out_features,
-                                    math.prod(a_shape) + math.prod(b_shape), slices))
+                                    math.prod(a_shape) + math.prod(b_shape) + magnitude, slices))
     for name in saved:
         module = model.get_submodule(name)
         if isinstance(module, SavedModule) and adapter in module.adapters:

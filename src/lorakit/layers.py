@@ -12,6 +12,9 @@ merging has to dequantize and re-quantize its weight.
 
 This file is the idea; how fast it runs lives beside it (fused.py: kernels; mixed.py: an adapter per row).
 
+With DoRA (Liu et al. 2024, arXiv 2402.09353) an adapter also holds a magnitude m, one per output, and the
+layer computes W'·x with W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖, the norm taken over each output's row (dora.py).
+
 A fused projection (GPT-2's `c_attn` computes q, k and v with one 768→2304 weight) can be adapted
 on some output slices only: each slice gets its own rank-r pair (A_i, B_i). The A_i are stacked
 into one (p·r, in) matrix so the input is read once; the B_i are scattered into an (out, p·r)
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, mixed
+from . import dora, fused, mixed
 from .quant import dequantize, is_quantized, requantize
 
 Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
@@ -51,6 +54,7 @@ class LoraConfig:
     instead of alpha / r. init: A drawn Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r).
     bias: which biases train —
     "none", "all" of the model's, or "lora_only" (those of adapted layers).
+    dora: decompose the adapted weight into a trained magnitude per output and a direction (DoRA).
     """
 
     r: int = 8
@@ -59,6 +63,7 @@ class LoraConfig:
     rslora: bool = False
     init: Init = "kaiming"
     bias: Bias = "none"
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -67,8 +72,9 @@ class LoraConfig:
             raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = r), got {self.alpha!r}")
         if not (_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.bias not in BIASES:
@@ -167,6 +173,7 @@ class LoraAdapter(nn.Module):
     lora_a: (p·r, fan_in) — Conv2d: (r, in, kh, kw); Embedding: (r, num_embeddings).
     lora_b: (Σ slice sizes, r) — the B_i of the p adapted output slices, stacked by rows.
     slices: the adapted output ranges [start, stop), or None for every output (p = 1).
+    magnitude: (out,) DoRA's m, or None; `LoraLayer.add` sets it to ‖W0‖ (it alone sees W0).
     """
 
     def __init__(self, geometry: Geometry, config: LoraConfig, slices: Slices | None = None,
@@ -177,6 +184,8 @@ class LoraAdapter(nn.Module):
         self.scale = config.scale
         self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        self.magnitude = (nn.Parameter(torch.ones(geometry.out_features, device=device, dtype=dtype))
+                          if config.dora else None)
         if self.lora_a.device.type != "meta":  # meta tensors hold no values to initialise
             self.reset_parameters()
 
@@ -185,6 +194,9 @@ class LoraAdapter(nn.Module):
         """A's and B's shapes on this base; TypeError or ValueError where such an adapter cannot be."""
         if slices is not None and geometry.kind not in ("linear", "conv1d"):
             raise TypeError(f"output slices need a Linear or Conv1D base, got {geometry.kind}")
+        if slices is not None and config.dora:
+            raise TypeError("DoRA adapts whole layers: its magnitude rescales every output of the layer, so it "
+                            "cannot keep to output slices; target the whole projection (PEFT has no slices either)")
         assert slices is None or all(0 <= a < b <= geometry.out_features for a, b in slices), slices
         sizes = [geometry.out_features] if slices is None else [stop - start for start, stop in slices]
         if config.r > (limit := min(geometry.fan_in, min(sizes))):
@@ -220,15 +232,15 @@ class LoraAdapter(nn.Module):
             row += stop - start
         return up
 
-    def forward(self, x: Tensor) -> Tensor:
-        """s · B·A·dropout(x) for the base's input x; the result has the base output's shape.
-        (Embeddings take no dropout: it means nothing on token ids.)"""
+    def forward(self, x: Tensor, dropout: bool = True) -> Tensor:
+        """s · B·A·dropout(x) for the base's input x (x as it is with dropout=False); the result has the
+        base output's shape. (Embeddings take no dropout: it means nothing on token ids.)"""
         g = self.geometry
         if g.kind == "embedding":
             u = F.embedding(x, self.lora_a.T, padding_idx=g.padding_idx)  # (..., r)
             return F.linear(u, self.up()) * self.scale  # (..., dim)
         x = x.to(self.lora_a.dtype)
-        if self.training and self.config.dropout > 0:
+        if dropout and self.training and self.config.dropout > 0:
             x = F.dropout(x, self.config.dropout, training=True)
         if g.kind == "conv2d":
             u = F.conv2d(x, self.lora_a, None, g.stride, g.padding, g.dilation)  # (N, r, H', W')
@@ -251,7 +263,8 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
+        return (f"r={c.r}, alpha={c.r if c.alpha is None else c.alpha}, scale={self.scale:g}, slices={self.slices}"
+                + (", dora" if c.dora else ""))
 
 
 def adapter_home(base: nn.Module) -> tuple[torch.device | None, torch.dtype]:
@@ -280,6 +293,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.rows: mixed.Rows | None = None
         self.base_sha: str | None = None
+        self.factors: dict[str, Tensor] = {}  # merged DoRA adapter → its f = m / ‖W0 + s·ΔW‖, to unmerge with
         self.train(base.training)
 
     def add(self, name: str, config: LoraConfig, slices: Slices | None = None,
@@ -289,6 +303,8 @@ class LoraLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if adapter is None:
             adapter = LoraAdapter(self.geometry, config, slices, *adapter_home(self.base))
+            if adapter.magnitude is not None and adapter.lora_a.device.type != "meta":
+                dora.init_magnitude(self, adapter)
         elif adapter.geometry != self.geometry:
             raise ValueError(f"adapter {name!r} was built for a {adapter.geometry}, this layer is a {self.geometry}")
         self.adapters[name] = adapter
@@ -310,39 +326,43 @@ class LoraLayer(nn.Module):
         if self.training and torch.is_grad_enabled() and not adapter.lora_a.requires_grad:
             warnings.warn(f"training with LoRA adapter {self.active!r} frozen, so it will not learn; "
                           f"load it with trainable=True (or call lorakit.freeze) to train it", stacklevel=2)
+        if adapter.magnitude is not None:
+            return dora.add_update(self, adapter, x, y, lambda xd: self.base(xd, *args, **kwargs))
         return fused.add_update(adapter, x, y)
 
     @torch.no_grad()
     def merge(self, name: str) -> float | None:
-        """W0 += s·ΔW, computed in fp32 and cast back. A merged adapter is not merged again.
+        """W0 ← W0 + s·ΔW (DoRA: f ⊙ (W0 + s·ΔW)), computed in fp32 and cast back. A merged adapter is not
+        merged again.
 
-        A 4-bit base is dequantized, W0 + s·ΔW formed in fp32 and quantized again; the return value
+        A 4-bit base is dequantized, the new weight formed in fp32 and quantized again; the return value
         is the max abs weight error that re-quantization added (None for a float base)."""
         if name in self.merged:
             return None
-        delta = self.adapters[name].delta_weight()
+        adapter = self.adapters[name]
+        w = (dequantize(self.base) if is_quantized(self.base) else self.base.weight).float()
+        new = w + adapter.delta_weight().to(w.device)
+        if adapter.magnitude is not None:  # DoRA: f ⊙ (W0 + s·ΔW), f kept to unmerge with
+            new.mul_(dora.merge_factor(self, name))
         self.merged.append(name)
         if is_quantized(self.base):
-            return requantize(self.base, dequantize(self.base) + delta.to(self.base.weight.device))
-        self._add_to_weight(delta)
+            return requantize(self.base, new)
+        self.base.weight.copy_(new)
         return None
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take every merged adapter back out of W0, last merged first.
 
-        Refused on a 4-bit base: the merge re-quantized W0 + s·ΔW, so subtracting s·ΔW would not
-        give W0 back."""
+        Refused on a 4-bit base: the merge re-quantized the new weight, so W0 cannot be recovered from it."""
         if self.merged and is_quantized(self.base):
             raise ValueError(f"cannot unmerge {self.merged} from a 4-bit base: merging re-quantized W0 + s·ΔW, "
                              f"so W0 cannot be recovered; reload the base (or merge into a float copy with "
                              f"merge_and_unload(model, dtype=torch.float32))")
         while self.merged:
-            self._add_to_weight(-self.adapters[self.merged.pop()].delta_weight())
-
-    def _add_to_weight(self, delta: Tensor) -> None:
-        w = self.base.weight
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+            name = self.merged.pop()
+            w = self.base.weight.float() / self.factors.pop(name, 1.0)  # a DoRA merge's f, else 1
+            self.base.weight.copy_(w - self.adapters[name].delta_weight())
 
     def extra_repr(self) -> str:
         return f"kind={self.geometry.kind}, active={self.active!r}, merged={self.merged}"

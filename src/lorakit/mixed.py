@@ -13,10 +13,12 @@ The bank is kept in the adapters' own dtype and follows the layer's adapters: on
 or deleted is written to (or cleared from) its slot when a batch next names it, and the others are not
 copied again. A 16-bit model's dense path uses a 16-bit copy of the bank, kept in step block by block; on a
 CPU its single-adapter path over few positions (≤ SMALL) stays in fp32, where thin matmuls are faster.
+A DoRA adapter's slot holds f ⊙ s·B (f = m / ‖W0 + s·B·A‖, see dora.py) in `up`, and f − 1 in the bank's
+`factor`, so its rows get y + (f − 1) ⊙ (y − bias) + f ⊙ s·B·A·x: W0 rescaled per output as DoRA's W' does.
 Inference only: no dropout.
 
 `lorakit.mixed_batch` sets the rows; `LoraLayer` and `SavedModule` call these functions. Nothing here imports
-the rest of lorakit: a layer is anything with adapters, rows, geometry and merged.
+the rest of lorakit but dora.py: a layer is anything with base, adapters, rows, geometry and merged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from . import dora
 
 HALF = (torch.bfloat16, torch.float16)
 SMALL = 32  # positions in a batch up to which a CPU computes a 16-bit model's updates in the bank's fp32
@@ -109,6 +113,8 @@ class Bank:
         self.held: dict[str, list] = {}  # name → [slot, adapter, lora_a, lora_b, their versions, scale] as copied
         self.seen = (-1, ())  # the slots' version and the layer's adapter names at the last clean-up
         self.cast: tuple[torch.dtype, Tensor, Tensor] | None = None  # a and up in a 16-bit dtype, until a write
+        self.factor: Tensor | None = None  # (width, out): DoRA's f − 1 per slot, 0 elsewhere; None until one comes
+        self.dora: set[int] = set()  # the slots that hold a DoRA adapter
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """a and up in dtype (a copy in another dtype is kept until the bank next changes)."""
@@ -131,6 +137,7 @@ class Bank:
                 if adapters.get(name) is not held[1] or rows.slots.of.get(name) != held[0]:
                     self.a[:, self.block(held[0])] = 0
                     self.up[self.block(held[0])] = 0
+                    self._clear_factor(held[0])
                     del self.held[name]
                     if self.cast is not None:
                         self.cast[1][:, self.block(held[0])] = 0
@@ -142,26 +149,40 @@ class Bank:
                 continue
             a, b = adapter._parameters["lora_a"], adapter._parameters["lora_b"]
             held = self.held.get(name)
-            if (held is not None and held[2] is a and held[3] is b and held[4] == (a._version, b._version)
+            if (held is not None and held[2] is a and held[3] is b and held[4] == _versions(adapter)
                     and held[5] == adapter.scale):
                 continue
-            self.write(name, rows.slots.of[name], adapter)
+            self.write(name, rows.slots.of[name], adapter, layer)
 
     @torch.no_grad()
-    def write(self, name: str, slot: int, adapter: nn.Module) -> None:
+    def write(self, name: str, slot: int, adapter: nn.Module, layer: nn.Module) -> None:
         r = adapter.lora_a.shape[0]
         if slot >= self.width or r > self.rank:
             self.grow(max(2 * self.width, slot + 1) if slot >= self.width else self.width, max(r, self.rank))
         block = self.block(slot)
         self.a[:, block] = 0
         self.up[block] = 0
-        self.a[:, block.start:block.start + r] = adapter.lora_a.detach().t()
-        self.up[block.start:block.start + r] = (adapter.up().detach() * adapter.scale).t()
+        up = adapter.up().detach() * adapter.scale  # (out, r)
+        self._clear_factor(slot)
+        if adapter.magnitude is not None:
+            f = dora.factor(layer, adapter).detach().to(self.dtype)
+            up = up * f[:, None]
+            if self.factor is None:
+                self.factor = torch.zeros(self.width, self.out, dtype=self.dtype, device=self.device)
+            self.factor[slot] = f - 1
+            self.dora.add(slot)
+        self.a[:, block.start:block.start + r] = adapter.lora_a.detach().flatten(1).t()
+        self.up[block.start:block.start + r] = up.t()
         a, b = adapter._parameters["lora_a"], adapter._parameters["lora_b"]
-        self.held[name] = [slot, adapter, a, b, (a._version, b._version), adapter.scale]
+        self.held[name] = [slot, adapter, a, b, _versions(adapter), adapter.scale]
         if self.cast is not None:  # the 16-bit copy follows, block by block
             self.cast[1][:, block] = self.a[:, block]
             self.cast[2][block] = self.up[block]
+
+    def _clear_factor(self, slot: int) -> None:
+        if slot in self.dora:
+            self.factor[slot] = 0
+            self.dora.discard(slot)
 
     def grow(self, width: int, rank: int) -> None:
         a = torch.zeros(self.rows_in, width, rank, dtype=self.dtype, device=self.device)
@@ -169,7 +190,14 @@ class Bank:
         a[:, :self.width, :self.rank] = self.a.view(self.rows_in, self.width, self.rank)
         up[:self.width, :self.rank] = self.up.view(self.width, self.rank, self.out)
         self.a, self.up = a.view(self.rows_in, width * rank), up.view(width * rank, self.out)
+        if self.factor is not None:
+            self.factor = torch.cat([self.factor, self.factor.new_zeros(width - self.width, self.out)])
         self.width, self.rank, self.cast = width, rank, None
+
+
+def _versions(adapter: nn.Module) -> tuple[int, ...]:
+    """The versions of an adapter's tensors: any in-place change (a training step, a hot swap) bumps one."""
+    return tuple(p._version for p in (adapter.lora_a, adapter.lora_b, adapter.magnitude) if p is not None)
 
 
 def bank(layer: nn.Module, rows: Rows, dtype: torch.dtype, device: torch.device) -> Bank:
@@ -198,6 +226,10 @@ def add_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         raise ValueError(f"adapters {layer.merged} are merged into the base weights; unmerge before a mixed batch")
     only = frozenset(present) if len(present) < len(rows.named) else None  # the batch names some it lacks
     b = bank(layer, rows, adapters[present[0]].lora_a.dtype, x.device)
+    if b.dora and any(rows.slots.of[n] in b.dora for n in present):  # DoRA rows: W0 rescaled, y + (f − 1) ⊙ (y − bias)
+        bias = getattr(layer.base, "bias", None)
+        fm1 = b.factor[rows.index(x.device, only)].to(y.dtype)  # (B, out)
+        y = y + (y if bias is None else y - bias) * fm1.view(len(rows), *[1] * (y.ndim - 2), -1)
     n = x.numel() if g.kind == "embedding" else x.numel() // g.in_features  # positions in the batch
     y2 = y.reshape(n, g.out_features)
     if rows.single is not None:  # one adapter for every row

@@ -92,7 +92,8 @@ def lora_info(layer: LoraLayer) -> dict[str, Any] | None:
     if name is None or name not in layer.adapters:
         return None
     a = layer.adapters[name]
-    return {"adapter": name, "r": a.config.r, "alpha": a.config.alpha or a.config.r, "scale": a.scale,
+    return {"adapter": name, "method": "DoRA" if a.config.dora else "LoRA", "r": a.config.r,
+            "alpha": a.config.alpha or a.config.r, "scale": a.scale,
             "params": _params(a), "kind": a.geometry.kind, "slices": _slices(layer, name),
             "in": a.geometry.fan_in, "out": a.geometry.out_features, "base": type(layer.base).__name__,
             "merged": name in layer.merged, "disabled": layer.disabled, "adapters": list(layer.adapters)}
@@ -233,7 +234,7 @@ def surgery(t: Trace) -> list[dict[str, Any]]:
         if isinstance(module, LoraLayer):
             info = lora_info(module)
             rows.append({"node": n.id, "path": n.name, "before": _describe(module.base),
-                         "after": f"LoRA r={info['r']} α={info['alpha']:g}" if info else "LoRA (no active adapter)",
+                         "after": f"{info['method']} r={info['r']} α={info['alpha']:g}" if info else "LoRA (no active adapter)",
                          "params": info["params"] if info else 0, "slices": info["slices"] if info else []})
         else:
             rows.append({"node": n.id, "path": n.name, "before": _describe(module.original),

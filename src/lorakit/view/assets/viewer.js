@@ -45,7 +45,7 @@
     if (n.lora) {
       cls.push("lora");
       badge = `+${fmt(n.lora.params)}`;
-      sub = `LoRA r=${n.lora.r} on ${n.lora.base}${n.lora.merged ? " (merged)" : n.lora.disabled ? " (disabled)" : ""}`;
+      sub = `${n.lora.method} r=${n.lora.r} on ${n.lora.base}${n.lora.merged ? " (merged)" : n.lora.disabled ? " (disabled)" : ""}`;
     } else if (n.loraInside) { cls.push("has-lora"); badge = `◆ ${n.loraInside} · +${fmt(n.loraParams)}`; }
     if (n.added) cls.push("added");
     if (n.saved) { cls.push("saved"); badge = "● trains"; }
