@@ -100,8 +100,9 @@ def _other_value(hint, default):
     """A valid value of a LoraConfig field that is not its default, chosen by the field's type."""
     import typing
 
-    if typing.get_origin(hint) is typing.Literal:
-        return next(v for v in typing.get_args(hint) if v != default)
+    literal = next((h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is typing.Literal), None)
+    if literal is not None:  # a Literal, or a union with one (init: its named choices, or a pattern)
+        return next(v for v in typing.get_args(literal) if v != default)
     if hint is bool:
         return not default
     if hint is int:

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import mixed
+from . import mixed, residual
 from .layers import LoraAdapter, LoraConfig, LoraLayer, SavedModule
 
 
@@ -98,13 +98,16 @@ def enable_adapters(model: nn.Module) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove an adapter's weights from every layer. If it was active, no adapter is active after."""
+    """Remove an adapter's weights from every layer. If it was active, no adapter is active after. A PiSSA or
+    OLoRA adapter gives the base back the W0 its initialisation took from it."""
     _require(model, name)
     merged = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.merged]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]} and others; unmerge before deleting it")
     for m in holders(model):
         if name in m.adapters:
+            if residual.holder(m) == name:
+                residual.restore(m, name)
             del m.adapters[name]
         if m.active == name:
             m.active = None

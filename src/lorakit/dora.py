@@ -75,8 +75,10 @@ def factor(layer: nn.Module, adapter: nn.Module) -> Tensor:
 
 @torch.no_grad()
 def init_magnitude(layer: nn.Module, adapter: nn.Module) -> None:
-    """m ← ‖W0 + s·B·A‖ = ‖W0‖ for a fresh adapter (B·A starts at zero), so it changes nothing."""
-    adapter.magnitude.copy_(layer_norms(layer, adapter))
+    """m ← ‖W0 + s·B·A‖ for a fresh DoRA adapter, so it changes nothing (‖W0‖ where B·A starts at zero);
+    nothing without DoRA, or on the meta device."""
+    if adapter.magnitude is not None and adapter.magnitude.device.type != "meta":
+        adapter.magnitude.copy_(layer_norms(layer, adapter))
 
 
 def merge_factor(layer: nn.Module, name: str) -> Tensor:

@@ -25,15 +25,16 @@ import os
 import re
 import warnings
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from . import atomic, tensorfile
+from . import atomic, residual, tensorfile
 from .adapters import check_name, freeze_base, holders, list_adapters
+from .digest import base_digest, weight_digest
 from .inject import Plan, apply_plan, check_plan, freeze
 from .layers import (Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, adapter_home, base_of,
                      kind_of)
@@ -86,30 +87,6 @@ class AdapterSpec:
 # ---------------------------------------------------------------- fingerprint
 
 
-def weight_digest(weight: Tensor) -> str:
-    """A hash of a frozen weight: its shape and up to 65,536 evenly strided values in fp32.
-
-    Enough to tell one pretrained base from another without reading every byte of a large model."""
-    flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // 65536)
-    sample = flat[::step][:65536].to(device="cpu", dtype=torch.float32).contiguous()
-    h = hashlib.sha256(str(tuple(weight.shape)).encode())
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def base_digest(layer: LoraLayer) -> str:
-    """`weight_digest` of a LoRA layer's W0 (a 4-bit base: of its dequantized weight), taken once and kept
-    on the layer (`base_sha`): call it before W0 first changes (a merge, a cast to bf16, sharding), so the
-    fingerprint still names the base the adapter was trained on."""
-    if layer.base_sha is None:
-        if layer.merged:
-            raise ValueError(f"the base digest of a layer must be taken before {layer.merged} are merged into it")
-        layer.base_sha = getattr(layer.base, "lorakit_sha", None) or \
-            weight_digest(dequantize(layer.base) if is_quantized(layer.base) else layer.base.weight)
-    return layer.base_sha
-
-
 def remember_base(model: nn.Module) -> int:
     """Take the digest of every adaptable layer's weight now and keep it on the layer (`lorakit_sha`), so that
     adapters are still recognised as trained on this base after its weights are cast (a bf16 server);
@@ -120,13 +97,14 @@ def remember_base(model: nn.Module) -> int:
     return len(layers)
 
 
-def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = None) -> dict:
+def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = None, current: bool = False) -> dict:
     """Architecture, adapted-layer shapes and a hash of their frozen (unmerged) weights.
 
     A 4-bit base layer is hashed by its dequantized weight and the fingerprint gains a
     "quantization" entry (method, block_size, double_quant). `as_nf4` (such an entry) hashes float
     layers as they would be after that quantization, to recognise the float base an NF4-trained
-    adapter came from."""
+    adapter came from. `current`: hash the float weights as they are now (a PiSSA/OLoRA residual),
+    not as each LoRA layer first recorded them."""
     h = hashlib.sha256()
     shapes, quantized = {}, []
     for name in sorted(layer_names):
@@ -140,7 +118,7 @@ def fingerprint(model: nn.Module, layer_names: list[str], as_nf4: dict | None = 
         else:
             weight = base.weight if as_nf4 is None else nf4_roundtrip(base.weight, as_nf4["block_size"],
                                                                       as_nf4["double_quant"])
-            if as_nf4 is not None:
+            if as_nf4 is not None or current:
                 digest = weight_digest(weight)
             elif isinstance(module, LoraLayer):
                 digest = base_digest(module)
@@ -185,9 +163,13 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
+def adapter_spec(model: nn.Module, adapter: str, residual_form: bool = False) -> AdapterSpec:
     """Gather one adapter's tensors and settings from the model, whole even when the model is
-    sharded (FSDP: every rank must call this; see `full_tensor`)."""
+    sharded (FSDP: every rank must call this; see `full_tensor`).
+
+    An adapter initialised by PiSSA or OLoRA (whose W0 is now a residual) is gathered for the original base,
+    as a plain LoRA of rank 2r (`residual.for_original_base`); with `residual_form`, as it is, for the residual
+    base, fingerprinted by the residual weights."""
     if adapter not in list_adapters(model):
         raise ValueError(f"no adapter {adapter!r} on {type(model).__name__}; adapters: "
                          f"{', '.join(list_adapters(model)) or 'none'}")
@@ -198,6 +180,10 @@ def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
                 a = m.adapters[adapter]
                 layers[name] = (a.config, a.slices)
                 lora[name] = (full_tensor(a.lora_a.detach()), full_tensor(a.lora_b.detach()))
+                if getattr(a, "initial_a", None) is not None and not residual_form:
+                    r, alpha, down, up = residual.for_original_base(a, *lora[name])
+                    lora[name] = (down, up)
+                    layers[name] = (replace(a.config, r=r, alpha=alpha, init="kaiming"), a.slices)
                 if a.magnitude is not None:
                     magnitude[name] = full_tensor(a.magnitude.detach())
             elif isinstance(m, SavedModule) and adapter in m.adapters:
@@ -205,7 +191,7 @@ def adapter_spec(model: nn.Module, adapter: str) -> AdapterSpec:
         bias_mode = next(iter(layers.values()))[0].bias if layers else "none"
         if bias_mode != "none":
             biases = {k: full_tensor(v) for k, v in _trained_biases(model, adapter, bias_mode).items()}
-    return AdapterSpec(layers, lora, magnitude, saved, biases, fingerprint(model, list(layers)))
+    return AdapterSpec(layers, lora, magnitude, saved, biases, fingerprint(model, list(layers), current=residual_form))
 
 
 def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
@@ -223,7 +209,7 @@ def check_complete(model: nn.Module, spec: AdapterSpec, adapter: str) -> None:
 
     for name, (a, b) in spec.lora.items():
         layer = model.get_submodule(name).adapters[adapter]
-        expected = LoraAdapter(layer.geometry, layer.config, layer.slices, device="meta")
+        expected = LoraAdapter(layer.geometry, *spec.layers[name], device="meta")
         check(f"{name}.lora_a", a, expected.lora_a.shape)
         check(f"{name}.lora_b", b, expected.lora_b.shape)
         if expected.magnitude is not None:
@@ -271,14 +257,18 @@ def save_adapter(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     print_fn=print,
+    residual_form: bool = False,
 ) -> Path:
     """Write one adapter (default: the active one) to `directory`; return the weights file's path.
 
     Only adapter tensors are written (plus `modules_to_save` and trained biases), as they are or
     cast to `dtype` (torch.bfloat16 or float16 halve the file; loading casts back to fp32). An
-    existing adapter in `directory` is refused unless `overwrite=True`."""
+    existing adapter in `directory` is refused unless `overwrite=True`. A PiSSA or OLoRA adapter is written
+    for the original base (a plain LoRA of rank 2r), or with `residual_form=True` for the residual base its
+    initialisation left (see `adapter_spec`)."""
     adapter = adapter or only_active(model)
-    return write_adapter(model, adapter_spec(model, adapter), directory, adapter, format, overwrite, dtype, print_fn)
+    spec = adapter_spec(model, adapter, residual_form)
+    return write_adapter(model, spec, directory, adapter, format, overwrite, dtype, print_fn)
 
 
 def write_adapter(
@@ -377,10 +367,10 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
     matrix `up` (zero rows for untouched slices): the same ΔW, in a form PEFT can load."""
     tensors, ranks, alphas = {}, {}, {}
     has_conv1d = False
-    for layer_name, (config, _) in spec.layers.items():
-        layer = model.get_submodule(layer_name)
-        adapter = layer.adapters[name]
-        kind = layer.geometry.kind
+    for layer_name, (config, slices) in spec.layers.items():
+        base = base_of(model.get_submodule(layer_name))
+        adapter = _built(base, config, slices, spec.lora[layer_name])
+        kind = adapter.geometry.kind
         has_conv1d |= kind == "conv1d"
         up = adapter.up().detach()
         key = PEFT_PREFIX + layer_name
@@ -406,7 +396,8 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "r": r0, "lora_alpha": a0, "lora_dropout": c0.dropout, "use_rslora": c0.rslora, "bias": c0.bias,
         "target_modules": sorted(spec.layers), "modules_to_save": sorted(spec.saved) or None,
-        "fan_in_fan_out": has_conv1d, "init_lora_weights": True, "use_dora": c0.dora,
+        "fan_in_fan_out": has_conv1d, "init_lora_weights": c0.init if residual.is_residual(c0.init) else True,
+        "use_dora": c0.dora,
         "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
     }

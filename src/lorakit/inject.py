@@ -12,8 +12,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from . import residual
 from .adapters import check_name, freeze_base, outside_adapters
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of
+from .quant import is_quantized
 from .summary import InjectReport, Replacement
 from .targets import Target, match_suffixes, resolve_targets
 
@@ -85,6 +87,7 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
                              f"{', '.join(module.adapters)}); use another adapter name or merge_and_unload first")
         g = Geometry.of(base_of(module))
         a_shape, b_shape = LoraAdapter.shapes(g, config, slices)
+        residual.check(module, g.kind, config.init, slices, is_quantized(base_of(module)))
         magnitude = g.out_features if config.dora else 0
         replaced.append(Replacement(name, g.kind, g.in_features, g.out_features,
                                     math.prod(a_shape) + math.prod(b_shape) + magnitude, slices))

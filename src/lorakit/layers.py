@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dora, fused, mixed
+from . import dora, fused, mixed, residual
 from .quant import dequantize, is_quantized, requantize
 
 Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
-Init = Literal["kaiming", "gaussian"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora"] | str  # str: "pissa_niter_K"
 Bias = Literal["none", "all", "lora_only"]
-INITS: tuple[str, ...] = ("kaiming", "gaussian")
+INITS: tuple[str, ...] = ("kaiming", "gaussian", *residual.INITS)  # and "pissa_niter_K"
 BIASES: tuple[str, ...] = ("none", "all", "lora_only")
 SUPPORTED = "Linear, Conv1D (Hugging Face), Conv2d, Embedding"
 
@@ -51,7 +51,8 @@ class LoraConfig:
     r: rank of the update. alpha: scale numerator (default r, so s = 1). dropout: probability on
     the adapter's input; LoRA Linears that read the same input in turn (q, k, v; gate, up) drop the
     same entries of it, one mask, as one A for all of them would. rslora: scale by alpha / sqrt(r)
-    instead of alpha / r. init: A drawn Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r).
+    instead of alpha / r. init: A drawn Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r), or A and B
+    from W0's SVD ("pissa", "pissa_niter_K") or QR ("olora"), W0 then holding the rest (residual.py).
     bias: which biases train —
     "none", "all" of the model's, or "lora_only" (those of adapted layers).
     dora: decompose the adapted weight into a trained magnitude per output and a direction (DoRA).
@@ -75,8 +76,8 @@ class LoraConfig:
         for flag in ("rslora", "dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and not residual.is_residual(self.init):
+            raise ValueError(f"init must be one of {INITS} or 'pissa_niter_K' (K >= 1), got {self.init!r}")
         if self.bias not in BIASES:
             raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
 
@@ -303,8 +304,8 @@ class LoraLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if adapter is None:
             adapter = LoraAdapter(self.geometry, config, slices, *adapter_home(self.base))
-            if adapter.magnitude is not None and adapter.lora_a.device.type != "meta":
-                dora.init_magnitude(self, adapter)
+            residual.init(self, adapter)  # PiSSA, OLoRA: A and B from W0, which keeps the rest
+            dora.init_magnitude(self, adapter)  # DoRA: m = ‖W0‖
         elif adapter.geometry != self.geometry:
             raise ValueError(f"adapter {name!r} was built for a {adapter.geometry}, this layer is a {self.geometry}")
         self.adapters[name] = adapter
