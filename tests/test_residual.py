@@ -172,6 +172,12 @@ def test_delete_gives_w0_back_and_merge_is_exact():
     lorakit.merge(model)
     torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=0)
     lorakit.unmerge(model)
+    for refused in (lambda: lorakit.disable_adapters(model),
+                    lambda: lorakit.mixed_batch(model, ["default", None]).__enter__()):
+        with pytest.raises(ValueError, match="left their layers' W0 a residual"):
+            refused()
+    with lorakit.mixed_batch(model, ["default", "default"]):
+        torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=0)
     lorakit.delete_adapter(model, "default")
     for name, layer in lorakit.lora_layers(model):
         torch.testing.assert_close(layer.base.weight, base.get_submodule(name).weight, atol=1e-6, rtol=0)
@@ -199,6 +205,8 @@ def test_what_a_residual_init_cannot_do_is_refused_before_anything_changes(tiny_
     with pytest.raises(AdapterFileError, match="residual that adapter 'p''s pissa initialisation left"):
         lorakit.load_adapter(tiny_gpt2, tmp_path / "p", name="again")
     assert sorted(lorakit.list_adapters(tiny_gpt2)) == ["p", "plain"]
+    with pytest.raises(ValueError, match="residual_form is for adapters initialised by PiSSA or OLoRA"):
+        lorakit.save_adapter(tiny_gpt2, tmp_path / "no", adapter="plain", residual_form=True)
     lorakit.delete_adapter(tiny_gpt2, "p")
     for i in range(2):
         key = f"transformer.h.{i}.attn.c_proj.weight"

@@ -76,6 +76,14 @@ def _refuse_merged(model: nn.Module, action: str) -> None:
                          f"call lorakit.unmerge(model) first")
 
 
+def _refuse_residual(model: nn.Module, action: str) -> None:
+    owners = sorted({n for m in holders(model) if (n := residual.holder(m)) is not None})
+    if owners:
+        raise ValueError(f"cannot {action}: adapter(s) {', '.join(owners)} left their layers' W0 a residual (PiSSA/OLoRA "
+                         f"initialisation), so the base model is not there to run; delete them (which gives W0 back), "
+                         f"or save them and load them onto a fresh base")
+
+
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make `name` the active adapter everywhere (and enable adapters)."""
     _require(model, name)
@@ -88,6 +96,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module) -> None:
     """Run the model as its base: outputs equal the base model's exactly until `enable_adapters`."""
     _refuse_merged(model, "disable adapters")
+    _refuse_residual(model, "disable adapters")
     for m in holders(model):
         m.disabled = True
 
@@ -128,6 +137,8 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]
     if unknown:
         raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; adapters: {', '.join(sorted(known))}")
     _refuse_merged(model, "run a mixed batch")
+    if None in names:
+        _refuse_residual(model, "run rows with no adapter")
     layers = holders(model)
     rows = mixed.Rows(names, mixed.slots_of(model, layers))
     for m in layers:

@@ -173,6 +173,9 @@ def adapter_spec(model: nn.Module, adapter: str, residual_form: bool = False) ->
     if adapter not in list_adapters(model):
         raise ValueError(f"no adapter {adapter!r} on {type(model).__name__}; adapters: "
                          f"{', '.join(list_adapters(model)) or 'none'}")
+    if residual_form and not any(residual.holder(m) == adapter for m in holders(model)):
+        raise ValueError(f"residual_form is for adapters initialised by PiSSA or OLoRA, which leave W0 a residual; "
+                         f"{adapter!r} was not, and is saved for its base as it is")
     layers, lora, saved, biases, magnitude = {}, {}, {}, {}, {}
     with torch.no_grad():
         for name, m in model.named_modules():
