@@ -3,10 +3,12 @@
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import lorakit
 from lorakit import AdapterFileError, LoraLayer
@@ -472,3 +474,40 @@ def test_attach_refuses_a_taken_name_or_a_replaced_module_and_changes_nothing(mi
     with pytest.raises(ValueError, match="was replaced after adapter 'b' was prepared"):
         attach_adapter(other, prepared)
     assert not any(isinstance(m, LoraLayer) for m in other.modules())
+
+
+# ---------------------------------------------------------------- files written by earlier versions
+
+DATA = Path(__file__).parent / "data"
+
+
+class Tiny(nn.Module):
+    """The base of the files in tests/data/adapter-v1.1, its weights a fixed function of their position."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters()):
+                p.copy_(torch.sin(torch.arange(p.numel(), dtype=torch.float32) * 0.7 + i).view(p.shape) * 0.5)
+
+    def forward(self, ids):
+        return self.fc2(torch.tanh(self.fc1(self.embed(ids))))
+
+
+@pytest.mark.parametrize("fmt", ["lorakit", "peft"])
+def test_files_saved_by_format_1_1_still_load_and_compute_what_they_did(fmt):
+    """tests/data/adapter-v1.1 was written by lorakit 0.1.0 (format 1.1, before per-layer patterns and train_a):
+    fc1 and fc2 at r=2, alpha=3, and the logits the adapted model gave then. The settings digest in its weights
+    file must still equal the one computed now, and the adapter must give those logits."""
+    expected = json.loads((DATA / "adapter-v1.1" / "expected.json").read_text())
+    ids, logits = torch.tensor(expected["ids"]), torch.tensor(expected["logits"])
+    model = Tiny().eval()
+    with torch.no_grad():
+        assert (model(ids) - logits).abs().max() > 1e-2
+    lorakit.load_adapter(model, DATA / "adapter-v1.1" / fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), logits, atol=1e-6, rtol=0)
+    assert {layer.adapters["default"].config.r for _, layer in lorakit.lora_layers(model)} == {2}
