@@ -518,3 +518,20 @@ def test_train_with_loraplus(reviews, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["loraplus_ratio"] == 16
     code, _, err = run_cli(tiny_args(reviews, tmp_path / "bad", "--train.loraplus_ratio", "0"), capsys)
     assert code == 2 and "train.loraplus_ratio must be a finite number > 0" in err and err.count("\n") == 1
+
+
+def test_inspect_shows_the_rank_pattern_and_refuses_bad_json(reviews, tiny_bert, capsys):
+    data = ["--data.path", str(reviews), "--data.text_column", "review", "--data.label_column", "verdict",
+            "--model.path", str(tiny_bert)]
+    code, out, err = run_cli(["inspect", *data, "--lora.rank_pattern", '{"layer.1.attention.self.query": 6}'], capsys)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("bert.encoder.layer.")]
+    assert {row[0]: row[-3] for row in rows} == {"bert.encoder.layer.0.attention.self.query": "8",
+                                                "bert.encoder.layer.0.attention.self.value": "8",
+                                                "bert.encoder.layer.1.attention.self.query": "6",
+                                                "bert.encoder.layer.1.attention.self.value": "8"}
+    code, _, err = run_cli(["inspect", *data, "--lora.rank_pattern", "{query: 6}"], capsys)
+    assert code == 2 and "lora.rank_pattern must be a JSON object" in err and err.count("\n") == 1
+    code, _, err = run_cli(["inspect", *data, "--lora.rank_pattern", '{"qeury": 6}'], capsys)
+    assert code == 2 and "rank_pattern key 'qeury' names none of the 4 targeted layers; closest layer names: query" \
+        in err and err.count("\n") == 1

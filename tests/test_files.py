@@ -476,6 +476,26 @@ def test_attach_refuses_a_taken_name_or_a_replaced_module_and_changes_nothing(mi
     assert not any(isinstance(m, LoraLayer) for m in other.modules())
 
 
+# ---------------------------------------------------------------- per-layer ranks
+
+
+def test_per_layer_ranks_and_alphas_round_trip(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, alpha=8, rank_pattern={r"layers\.1\.self_attn\.q_proj": 8},
+                   alpha_pattern={"v_proj": 2})
+    randomize(tiny_llama)
+    ids = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = tiny_llama(ids).logits
+    lorakit.save_adapter(tiny_llama, tmp_path, print_fn=lambda s: None)
+    spec = lorakit.read_adapter(tmp_path)
+    assert {n.removeprefix("model.layers."): (c.r, c.alpha) for n, (c, _) in spec.layers.items()} == {
+        "0.self_attn.q_proj": (4, 8), "0.self_attn.v_proj": (4, 2), "1.self_attn.q_proj": (8, 8),
+        "1.self_attn.v_proj": (4, 2)}
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path)
+    got = fresh(ids).logits
+    assert torch.equal(got, expected) and (got - base(ids).logits).abs().max() > 1e-2
+
 # ---------------------------------------------------------------- files written by earlier versions
 
 DATA = Path(__file__).parent / "data"

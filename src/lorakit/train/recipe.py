@@ -105,7 +105,8 @@ def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) ->
     if targets == ["all-linear"]:
         targets = "all-linear"
     try:
-        return inject(task.model, targets, cfg.lora.adapter, modules_to_save=trained_in_full(cfg, task.arch),
+        return inject(task.model, targets, cfg.lora.adapter, rank_pattern=cfg.lora.rank_pattern,
+                      alpha_pattern=cfg.lora.alpha_pattern, modules_to_save=trained_in_full(cfg, task.arch),
                       dry_run=dry_run)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"lora: {e}") from None
