@@ -1,6 +1,7 @@
 """Adapter files: round trips, PEFT in both directions, and every refusal leaves the model as it was."""
 
 import copy
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import lorakit
 from lorakit import AdapterFileError, LoraLayer
 from lorakit.files import BaseMismatch, UnverifiedBase
 
-from conftest import assert_untouched, plain_state, randomize
+from conftest import assert_untouched, make_tiny_llama, plain_state, randomize
 
 TOKENS = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -476,7 +477,7 @@ def test_attach_refuses_a_taken_name_or_a_replaced_module_and_changes_nothing(mi
     assert not any(isinstance(m, LoraLayer) for m in other.modules())
 
 
-# ---------------------------------------------------------------- per-layer ranks
+# ---------------------------------------------------------------- per-layer ranks, LoRA-FA
 
 
 def test_per_layer_ranks_and_alphas_round_trip(tiny_llama, tmp_path):
@@ -495,6 +496,43 @@ def test_per_layer_ranks_and_alphas_round_trip(tiny_llama, tmp_path):
     lorakit.load_adapter(fresh, tmp_path)
     got = fresh(ids).logits
     assert torch.equal(got, expected) and (got - base(ids).logits).abs().max() > 1e-2
+
+
+def test_train_a_is_recorded_and_leaves_the_settings_digest_as_it_was(tiny_llama, tmp_path):
+    """A LoRA-FA adapter computes what any adapter with its weights computes: its file has the digest of the same
+    adapter trained in full, so any lorakit loads it (an older one ignores lora.train_a); loaded to train, A stays
+    frozen."""
+    from lorakit.files import SETTINGS_KEY
+
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, train_a=False)
+    randomize(tiny_llama)
+    lorakit.save_adapter(tiny_llama, tmp_path / "fa", print_fn=lambda s: None)
+    for _, layer in lorakit.lora_layers(tiny_llama):
+        adapter = layer.adapters["default"]
+        adapter.config = dataclasses.replace(adapter.config, train_a=True)
+    lorakit.save_adapter(tiny_llama, tmp_path / "full", print_fn=lambda s: None)
+    assert json.loads((tmp_path / "fa" / "adapter_config.json").read_text())["lora"]["train_a"] is False
+    digests = [safe_open_metadata(tmp_path / d / "adapter_model.safetensors")[SETTINGS_KEY] for d in ("fa", "full")]
+    assert digests[0] == digests[1]
+    fresh = make_tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "fa", trainable=True)
+    adapters = [layer.adapters["default"] for _, layer in lorakit.lora_layers(fresh)]
+    assert not any(a.lora_a.requires_grad for a in adapters) and all(a.lora_b.requires_grad for a in adapters)
+    config_path = tmp_path / "fa" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora"]["train_a"]  # as a lorakit that predates train_a reads it: A trains again
+    config_path.write_text(json.dumps(config))
+    fresh = make_tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "fa", trainable=True)
+    assert all(layer.adapters["default"].lora_a.requires_grad for _, layer in lorakit.lora_layers(fresh))
+
+
+def safe_open_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
 
 # ---------------------------------------------------------------- files written by earlier versions
 

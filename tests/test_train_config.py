@@ -143,9 +143,10 @@ def test_loraplus_ratio_is_checked():
 
 def test_rank_and_alpha_patterns_from_the_command_line_and_a_recipe(tmp_path):
     cfg = build_config({}, ["--lora.rank_pattern", '{"layer\\\\.0\\\\..*query": 16, "value": 4}',
-                            "--lora.alpha_pattern", '{"value": 2}'])
+                            "--lora.alpha_pattern", '{"value": 2}', "--lora.train_a", "false"])
     assert cfg.lora.rank_pattern == {r"layer\.0\..*query": 16, "value": 4} and cfg.lora.alpha_pattern == {"value": 2.0}
     assert list(cfg.lora.rank_pattern) == [r"layer\.0\..*query", "value"]  # the order decides which key wins
+    assert cfg.lora.adapter.train_a is False
     recipe = tmp_path / "r.toml"
     recipe.write_text('[lora]\nrank_pattern = { query = 16, "layer\\\\.1\\\\..*value" = 2 }\n'
                       'alpha_pattern = { query = 32 }\n')
@@ -163,6 +164,7 @@ def test_rank_and_alpha_patterns_from_the_command_line_and_a_recipe(tmp_path):
     (["--lora.alpha_pattern", '{"query": "x"}'], "lora.alpha_pattern['query'] must be a number, got 'x'"),
     (["--lora.alpha_pattern", '{"query": -1}'], "lora.alpha_pattern['query']: alpha must be a finite number > 0"),
     (["--lora.rank_pattern", '{"(query": 4}'], "lora.rank_pattern key '(query' is not a valid regex"),
+    (["--lora.train_a", "sometimes"], "lora.train_a must be true or false, got 'sometimes'"),
 ])
 def test_bad_patterns_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

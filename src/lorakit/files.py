@@ -542,6 +542,7 @@ def _from_native(config: dict, tensors: dict[str, Tensor], config_path: Path) ->
     lora = _typed(config["lora"], dict, "lora")
     settings = {k: lora[k] for k in ("dropout", "rslora", "init", "bias")}
     settings["dora"] = lora.get("dora", False)  # absent from files written before DoRA
+    settings["train_a"] = lora.get("train_a", True)  # files written before LoRA-FA do not say
     layers = {}
     for name, v in _typed(config["layers"], dict, "layers").items():
         _typed(v, dict, f"layers.{name}")

@@ -32,9 +32,9 @@ def inject(
 
     config: the adapter's settings (default `LoraConfig()`); any LoraConfig field given by keyword (`r=8, alpha=16,
     dropout=0.05`, ...) replaces the config's, and rank_pattern, alpha_pattern ({regex: r}, {regex: alpha}) change r
-    and alpha on the layers they name, as PEFT's do (`targets.plan_layers`). Trainable afterwards: the new A and B,
-    the modules named in `modules_to_save` (by suffix; the adapter trains its own copy) and the biases that
-    `config.bias` asks for; other adapters keep their state. On a model that already has
+    and alpha on the layers they name, as PEFT's do (`targets.plan_layers`). Trainable afterwards: B, A (unless
+    config.train_a is False), the modules named in `modules_to_save` (by suffix; the adapter trains its own copy)
+    and the biases that `config.bias` asks for; other adapters keep their state. On a model that already has
     adapters, a new `adapter` name adds a second adapter to the layers it targets and makes it active. Returns a
     report of every replaced module; with `dry_run=True` the model is left untouched. Raises ValueError for a target
     or pattern that matches nothing (naming the closest names), TypeError for a match LoRA cannot adapt or an unknown
@@ -109,8 +109,8 @@ def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str, bui
 
 
 def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> None:
-    """Make `adapter` trainable (its A and B and its copies of saved modules, found by type) with
-    the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
+    """Make `adapter` trainable (its B, its A unless its config has train_a=False, its copies of saved modules;
+    found by type) with the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
     freeze_base(model)
     modules = list(outside_adapters(model))
     frozen_originals = {id(p) for m in modules if isinstance(m, SavedModule) for p in m.original.parameters()}
@@ -118,6 +118,8 @@ def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> No
     for m in modules:
         if isinstance(m, (LoraLayer, SavedModule)) and adapter in m.adapters:
             m.adapters[adapter].requires_grad_(True)
+            if isinstance(m, LoraLayer):  # LoRA-FA: A keeps its initial value
+                m.adapters[adapter].lora_a.requires_grad_(m.adapters[adapter].config.train_a)
         b = getattr(m, "bias", None)
         if not isinstance(b, nn.Parameter) or id(b) in frozen_originals:
             continue

@@ -86,7 +86,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class LoraSection(LoraConfig):
     """[lora]: the adapter's settings — every field of `lorakit.LoraConfig` (r, alpha, dropout, rslora, init,
-    bias, ...: see it; the default job takes alpha 16 and dropout 0.1) — and what trains:
+    train_a, bias, ...: see it; the default job takes alpha 16 and dropout 0.1) — and what trains:
     method: "lora" (adapters only), "full" (every weight trains), "head" (only the task head).
     targets: module-name suffixes, or "all-linear"; None picks per architecture (BERT query,value;
     Llama q_proj,v_proj; GPT-2 c_attn's q and v slices; ConvNet fc1,fc2,fc3).
