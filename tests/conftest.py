@@ -79,6 +79,25 @@ def make_tiny_llama(width: int = 32) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+class Nested(nn.Module):
+    """Layers whose names trip a loose pattern: "fc" is also the end of "block.fc", and "a.b" read as a
+    regex also matches "a_b"."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+        self.block = nn.Sequential()
+        self.block.add_module("fc", nn.Linear(8, 8))
+        self.a = nn.Sequential()
+        self.a.add_module("b", nn.Linear(8, 8))
+        self.a_b = nn.Linear(8, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(12))
+
+    def forward(self, x):
+        return self.a_b(self.a.b(self.block.fc(self.fc(x)))) + sum(layer(x) for layer in self.layers)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

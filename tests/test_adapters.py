@@ -299,3 +299,20 @@ def test_loraplus_groups_give_b_the_ratio_of_the_learning_rate(tiny_llama):
     assert moved_a == pytest.approx(1e-3, rel=1e-3) and moved_b == pytest.approx(16e-3, rel=1e-3)
     with pytest.raises(ValueError, match="loraplus_ratio must be a finite number > 0, got -1"):
         lorakit.param_groups(tiny_llama, lr=1e-3, loraplus_ratio=-1)
+
+
+def test_lora_fa_groups_hold_b_but_not_the_frozen_a(tiny_llama):
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, train_a=False)
+    adapters = [m for m in tiny_llama.modules() if isinstance(m, lorakit.LoraAdapter)]
+    assert not any(a.lora_a.requires_grad for a in adapters) and all(a.lora_b.requires_grad for a in adapters)
+    for ratio in (1, 16):
+        grouped = [id(p) for g in lorakit.param_groups(tiny_llama, lr=1e-3, loraplus_ratio=ratio) for p in g["params"]]
+        assert sorted(grouped) == sorted(id(a.lora_b) for a in adapters)
+    lorakit.inject(tiny_llama, ["up_proj"], r=2, adapter="second")  # a second adapter, A trained: its own setting
+    second = [l.adapters["second"] for _, l in lorakit.lora_layers(tiny_llama) if "second" in l.adapters]
+    assert all(a.lora_a.requires_grad for a in second)
+    lorakit.freeze(tiny_llama, "default")  # back to the first: its config still keeps A frozen
+    assert not any(a.lora_a.requires_grad for a in adapters) and all(a.lora_b.requires_grad for a in adapters)
+    lorakit.inject(tiny_llama, ["k_proj"], r=2, adapter="dora", dora=True, train_a=False)  # DoRA's m trains too
+    dora = [l.adapters["dora"] for _, l in lorakit.lora_layers(tiny_llama) if "dora" in l.adapters]
+    assert all(a.magnitude.requires_grad and a.lora_b.requires_grad and not a.lora_a.requires_grad for a in dora)

@@ -16,7 +16,7 @@ from lorakit import cli
 from lorakit.train import tasks
 from lorakit.train.runs import load_run
 
-from conftest import WORDS
+from conftest import WORDS, make_tiny_llama
 
 
 def tiny_args(data, out, *extra):
@@ -506,9 +506,17 @@ def test_a_resumed_loraplus_run_keeps_b_at_its_ratio_of_the_new_rate(tiny_llama)
     optimizer = torch.optim.AdamW(lorakit.param_groups(tiny_llama, lr=1e-2, loraplus_ratio=16))
     half = lambda step: 0.5  # noqa: E731 - the schedule's factor at the current step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, half)
-    _apply_resume_changes(build_config({"train": {"lr": 4e-3, "loraplus_ratio": 16}}), optimizer, scheduler, half)
+    cfg = build_config({"train": {"lr": 4e-3, "loraplus_ratio": 16}})
+    _apply_resume_changes(cfg, 1e-2, optimizer, scheduler, half)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-3, 32e-3])
     assert scheduler.base_lrs == pytest.approx([4e-3, 64e-3])
+    fa = make_tiny_llama()
+    lorakit.inject(fa, ["q_proj"], r=2, train_a=False)  # LoRA-FA: B's group is the only one
+    optimizer = torch.optim.AdamW(lorakit.param_groups(fa, lr=1e-2, loraplus_ratio=16))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, half)
+    assert len(optimizer.param_groups) == 1
+    _apply_resume_changes(cfg, 1e-2, optimizer, scheduler, half)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(32e-3) and scheduler.base_lrs == pytest.approx([64e-3])
 
 
 def test_train_with_loraplus(reviews, tmp_path, capsys):
@@ -518,3 +526,52 @@ def test_train_with_loraplus(reviews, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["loraplus_ratio"] == 16
     code, _, err = run_cli(tiny_args(reviews, tmp_path / "bad", "--train.loraplus_ratio", "0"), capsys)
     assert code == 2 and "train.loraplus_ratio must be a finite number > 0" in err and err.count("\n") == 1
+
+
+def test_a_lora_fa_run_trains_b_alone_and_resumes_with_its_a(reviews, tiny_bert, tmp_path, capsys, monkeypatch):
+    """--lora.train_a false: A stays as drawn through training and a resume, which takes A from the checkpoint
+    (here a fresh draw would differ) and keeps the setting: --resume cannot change it."""
+    from safetensors.torch import load_file
+
+    from lorakit import LoraAdapter
+    from lorakit.train import checkpoint
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        break_training_forward(m, 5, KeyboardInterrupt())
+        code, out, _ = run_cli(bert_args(reviews, tiny_bert, run, "--lora.train_a", "false"), capsys)
+    assert code == 130 and "train_a=False" in out
+    _, weights, _ = checkpoint.read(run / "checkpoint")
+    a_keys = sorted(k for k in weights if k.endswith("lora_a"))
+    assert len(a_keys) == 4 and all(weights[k].abs().max() > 0 for k in a_keys)
+    code, _, err = run_cli(["train", "--resume", "--out", str(run), "--lora.train_a", "true"], capsys)
+    assert code == 2 and "--resume cannot change lora.train_a (False → True)" in err
+    with monkeypatch.context() as m:
+        m.setattr(LoraAdapter, "reset_parameters", lambda self: self.lora_a.data.fill_(0.5))
+        code, _, err = run_cli(["train", "--resume", "--out", str(run)], capsys)
+    assert code == 0, err
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["lora"]["train_a"] is False
+    assert json.loads((run / "config.json").read_text())["lora"]["train_a"] is False
+    for key in a_keys:  # checkpoint keys are parameter names: ...query.adapters.default.lora_a
+        layer = key.removesuffix(".adapters.default.lora_a")
+        assert torch.equal(adapter[f"{layer}.lora_a"], weights[key])
+        assert not torch.equal(adapter[f"{layer}.lora_b"], weights[key.replace("lora_a", "lora_b")])
+
+
+def test_inspect_shows_the_rank_pattern_and_refuses_bad_json(reviews, tiny_bert, capsys):
+    data = ["--data.path", str(reviews), "--data.text_column", "review", "--data.label_column", "verdict",
+            "--model.path", str(tiny_bert)]
+    code, out, err = run_cli(["inspect", *data, "--lora.rank_pattern", '{"layer.1.attention.self.query": 6}'], capsys)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("bert.encoder.layer.")]
+    assert {row[0]: row[-3] for row in rows} == {"bert.encoder.layer.0.attention.self.query": "8",
+                                                "bert.encoder.layer.0.attention.self.value": "8",
+                                                "bert.encoder.layer.1.attention.self.query": "6",
+                                                "bert.encoder.layer.1.attention.self.value": "8"}
+    code, _, err = run_cli(["inspect", *data, "--lora.rank_pattern", "{query: 6}"], capsys)
+    assert code == 2 and "lora.rank_pattern must be a JSON object" in err and err.count("\n") == 1
+    code, _, err = run_cli(["inspect", *data, "--lora.rank_pattern", '{"qeury": 6}'], capsys)
+    assert code == 2 and "rank_pattern key 'qeury' names none of the 4 targeted layers; closest layer names: query" \
+        in err and err.count("\n") == 1

@@ -1,18 +1,21 @@
 """Adapter files: round trips, PEFT in both directions, and every refusal leaves the model as it was."""
 
 import copy
+import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import lorakit
 from lorakit import AdapterFileError, LoraLayer
 from lorakit.files import BaseMismatch, UnverifiedBase
 
-from conftest import assert_untouched, plain_state, randomize
+from conftest import assert_untouched, make_tiny_llama, plain_state, randomize
 
 TOKENS = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -472,3 +475,97 @@ def test_attach_refuses_a_taken_name_or_a_replaced_module_and_changes_nothing(mi
     with pytest.raises(ValueError, match="was replaced after adapter 'b' was prepared"):
         attach_adapter(other, prepared)
     assert not any(isinstance(m, LoraLayer) for m in other.modules())
+
+
+# ---------------------------------------------------------------- per-layer ranks, LoRA-FA
+
+
+def test_per_layer_ranks_and_alphas_round_trip(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, alpha=8, rank_pattern={r"layers\.1\.self_attn\.q_proj": 8},
+                   alpha_pattern={"v_proj": 2})
+    randomize(tiny_llama)
+    ids = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = tiny_llama(ids).logits
+    lorakit.save_adapter(tiny_llama, tmp_path, print_fn=lambda s: None)
+    spec = lorakit.read_adapter(tmp_path)
+    assert {n.removeprefix("model.layers."): (c.r, c.alpha) for n, (c, _) in spec.layers.items()} == {
+        "0.self_attn.q_proj": (4, 8), "0.self_attn.v_proj": (4, 2), "1.self_attn.q_proj": (8, 8),
+        "1.self_attn.v_proj": (4, 2)}
+    fresh = copy.deepcopy(base)
+    lorakit.load_adapter(fresh, tmp_path)
+    got = fresh(ids).logits
+    assert torch.equal(got, expected) and (got - base(ids).logits).abs().max() > 1e-2
+
+
+def test_train_a_is_recorded_and_leaves_the_settings_digest_as_it_was(tiny_llama, tmp_path):
+    """A LoRA-FA adapter computes what any adapter with its weights computes: its file has the digest of the same
+    adapter trained in full, so any lorakit loads it (an older one ignores lora.train_a); loaded to train, A stays
+    frozen."""
+    from lorakit.files import SETTINGS_KEY
+
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, train_a=False)
+    randomize(tiny_llama)
+    lorakit.save_adapter(tiny_llama, tmp_path / "fa", print_fn=lambda s: None)
+    for _, layer in lorakit.lora_layers(tiny_llama):
+        adapter = layer.adapters["default"]
+        adapter.config = dataclasses.replace(adapter.config, train_a=True)
+    lorakit.save_adapter(tiny_llama, tmp_path / "full", print_fn=lambda s: None)
+    assert json.loads((tmp_path / "fa" / "adapter_config.json").read_text())["lora"]["train_a"] is False
+    digests = [safe_open_metadata(tmp_path / d / "adapter_model.safetensors")[SETTINGS_KEY] for d in ("fa", "full")]
+    assert digests[0] == digests[1]
+    fresh = make_tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "fa", trainable=True)
+    adapters = [layer.adapters["default"] for _, layer in lorakit.lora_layers(fresh)]
+    assert not any(a.lora_a.requires_grad for a in adapters) and all(a.lora_b.requires_grad for a in adapters)
+    config_path = tmp_path / "fa" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora"]["train_a"]  # as a lorakit that predates train_a reads it: A trains again
+    config_path.write_text(json.dumps(config))
+    fresh = make_tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "fa", trainable=True)
+    assert all(layer.adapters["default"].lora_a.requires_grad for _, layer in lorakit.lora_layers(fresh))
+
+
+def safe_open_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+# ---------------------------------------------------------------- files written by earlier versions
+
+DATA = Path(__file__).parent / "data"
+
+
+class Tiny(nn.Module):
+    """The base of the files in tests/data/adapter-v1.1, its weights a fixed function of their position."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters()):
+                p.copy_(torch.sin(torch.arange(p.numel(), dtype=torch.float32) * 0.7 + i).view(p.shape) * 0.5)
+
+    def forward(self, ids):
+        return self.fc2(torch.tanh(self.fc1(self.embed(ids))))
+
+
+@pytest.mark.parametrize("fmt", ["lorakit", "peft"])
+def test_files_saved_by_format_1_1_still_load_and_compute_what_they_did(fmt):
+    """tests/data/adapter-v1.1 was written by lorakit 0.1.0 (format 1.1, before per-layer patterns and train_a):
+    fc1 and fc2 at r=2, alpha=3, and the logits the adapted model gave then. The settings digest in its weights
+    file must still equal the one computed now, and the adapter must give those logits."""
+    expected = json.loads((DATA / "adapter-v1.1" / "expected.json").read_text())
+    ids, logits = torch.tensor(expected["ids"]), torch.tensor(expected["logits"])
+    model = Tiny().eval()
+    with torch.no_grad():
+        assert (model(ids) - logits).abs().max() > 1e-2
+    lorakit.load_adapter(model, DATA / "adapter-v1.1" / fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), logits, atol=1e-6, rtol=0)
+    assert {layer.adapters["default"].config.r for _, layer in lorakit.lora_layers(model)} == {2}

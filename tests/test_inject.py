@@ -10,7 +10,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraAdapter, LoraLayer
 
-from conftest import assert_untouched, plain_state, randomize
+from conftest import Nested, assert_untouched, make_tiny_llama, plain_state, randomize
 
 
 def trainable_names(model):
@@ -233,3 +233,91 @@ def test_adapter_names_that_cannot_key_a_module_are_refused(convnet, tmp_path, n
     assert_untouched(convnet, state)
     with pytest.raises(ValueError, match="adapter name must be a non-empty string without dots"):
         lorakit.load_adapter(convnet, tmp_path, name=name)
+
+
+# ---------------------------------------------------------------- per-layer rank and alpha
+
+
+NAMES = ["fc", "block.fc", "a.b", "a_b", "layers.1", "layers.11", "model.layers.1.self_attn.q_proj"]
+KEYS = ["fc", "^fc", r"^a\.b", "a.b", "layers.1", "1", r"layers\.1\d", "q_proj", "self_attn.q_proj", "(", "^(a|fc)$"]
+
+
+def test_pattern_key_is_peft_get_pattern_key():
+    """Every key against every name, alone and in pairs (which one wins): the same answer as PEFT's own function,
+    where it has one (PEFT returns the name itself when no key matches)."""
+    from lorakit.targets import pattern_key
+
+    get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
+    valid = [k for k in KEYS if k != "("]
+    for name in NAMES:
+        for keys in [[k] for k in valid] + [[a, b] for a in valid for b in valid if a != b]:
+            ours, theirs = pattern_key(keys, name), get_pattern_key(keys, name)
+            assert (ours if ours is not None else name) == theirs, (keys, name)
+    assert pattern_key(["layers.1"], "layers.11") is None and pattern_key(["layers.1"], "x.layers.1") == "layers.1"
+    assert pattern_key(["fc", "block.fc"], "block.fc") == "fc"  # the first key that names a layer wins
+    assert pattern_key(["^fc"], "block.fc") is None and pattern_key(["a.b"], "a_b") == "a.b"
+
+
+def test_patterns_give_the_layers_they_name_their_own_rank_and_alpha(tiny_llama):
+    report = lorakit.inject(tiny_llama, ["q_proj", "v_proj", "up_proj"], r=4, alpha=8,
+                            rank_pattern={r"layers\.1\.self_attn\.q_proj": 8, "up_proj": 2},
+                            alpha_pattern={"v_proj": 2.5, "q_proj": 16})
+    got = {name: (layer.adapters["default"].config.r, layer.adapters["default"].config.alpha,
+                  tuple(layer.adapters["default"].lora_a.shape)) for name, layer in lorakit.lora_layers(tiny_llama)}
+    for i in range(2):
+        assert got[f"model.layers.{i}.self_attn.q_proj"] == ((8, 16, (8, 32)) if i else (4, 16, (4, 32)))
+        assert got[f"model.layers.{i}.self_attn.v_proj"] == (4, 2.5, (4, 32))
+        assert got[f"model.layers.{i}.mlp.up_proj"] == (2, 8, (2, 32))
+    assert tiny_llama.model.layers[1].self_attn.q_proj.adapters["default"].scale == 2.0
+    assert {r.name: (r.config.r, r.params) for r in report.replaced}["model.layers.1.self_attn.q_proj"] == (8, 8 * 64)
+    lines = str(report).splitlines()
+    assert re.search(r"module\s+kind\s+in\s+out\s+params\s+r\s+alpha\s+slices", lines[1])
+    row = next(line for line in lines if "layers.1.self_attn.q_proj" in line)
+    assert row.split()[-3:] == ["8", "16", "-"]
+    plain = str(lorakit.inject(make_tiny_llama(), ["q_proj"], r=4, dry_run=True)).splitlines()[1]
+    assert " r " not in plain and "alpha" not in plain  # no per-layer columns when no layer differs
+
+
+def test_a_key_names_full_names_and_dotted_suffixes_and_caret_anchors_it():
+    model = Nested()
+    lorakit.inject(model, ["fc", "a.b", "a_b", re.compile(r"layers\.\d+")], r=2,
+                   rank_pattern={"^fc": 4, "a.b": 3, r"layers\.1": 5})
+    ranks = {name: layer.adapters["default"].config.r for name, layer in lorakit.lora_layers(model)}
+    assert {k: ranks[k] for k in ("fc", "block.fc", "a.b", "a_b", "layers.1", "layers.11")} == \
+        {"fc": 4, "block.fc": 2, "a.b": 3, "a_b": 3, "layers.1": 5, "layers.11": 2}
+
+
+def test_a_rank_pattern_with_alpha_none_keeps_alpha_equal_to_each_layers_rank(tiny_llama):
+    lorakit.inject(tiny_llama, ["q_proj"], r=4, rank_pattern={"layers.0.self_attn.q_proj": 8})
+    assert [layer.adapters["default"].scale for _, layer in lorakit.lora_layers(tiny_llama)] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("patterns, message", [
+    ({"rank_pattern": {"qproj": 8}},
+     r"rank_pattern key 'qproj' names none of the 4 targeted layers; closest layer names: q_proj"),
+    ({"alpha_pattern": {"layers.5.q_proj": 8}}, r"alpha_pattern key 'layers.5.q_proj' names none of the 4"),
+    ({"rank_pattern": {"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 8}},
+     r"rank_pattern key 'layers\\\\.0\\\\.self_attn\\\\.q_proj' sets no layer: 'model.layers.0.self_attn.q_proj' "
+     r"and any other layer it names are set by the earlier key 'q_proj' \(the first key that names a layer wins, "
+     r"as in PEFT\)"),
+    ({"rank_pattern": {"(q": 8}}, r"rank_pattern key '\(q' is not a valid regex \(missing \)"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]: r must be an integer >= 1, got 0"),
+    ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\]: r must be an integer >= 1, got 2.5"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\]: alpha must be a finite number > 0"),
+    ({"alpha_pattern": {"q_proj": None}}, r"alpha_pattern\['q_proj'\] must be a number, got None"),
+    ({"alpha_pattern": {"q_proj": True}}, r"alpha_pattern\['q_proj'\]: alpha must be a finite number > 0"),
+    ({"rank_pattern": {3: 8}}, r"rank_pattern keys must be strings \(regexes over module names\), got 3"),
+    ({"rank_pattern": [("q_proj", 8)]}, r"rank_pattern must be a dict of regex → r"),
+    ({"rank_pattern": {"q_proj": 64}}, r"r=64 exceeds min\(in, out\)=32"),
+])
+def test_a_pattern_that_cannot_apply_is_refused_before_the_model_changes(tiny_llama, patterns, message):
+    state = plain_state(tiny_llama)
+    with pytest.raises(ValueError, match=message):
+        lorakit.inject(tiny_llama, ["q_proj", "v_proj"], r=4, **patterns)
+    assert_untouched(tiny_llama, state)
+
+
+def test_patterns_apply_to_each_slice_of_a_fused_projection(tiny_gpt2):
+    lorakit.inject(tiny_gpt2, {"c_attn": ("q", "v")}, r=2, alpha=4, rank_pattern={r"h\.1\.attn\.c_attn": 3})
+    shapes = [tuple(layer.adapters["default"].lora_a.shape) for _, layer in lorakit.lora_layers(tiny_gpt2)]
+    assert shapes == [(4, 32), (6, 32)]  # two slices of rank 2, then two of rank 3

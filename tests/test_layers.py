@@ -1,6 +1,7 @@
 """LoRA layers against the dense formula W0 + s·B·A, for every supported base kind."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -172,6 +173,7 @@ def test_dropout_applies_in_training_only():
     ({"alpha": True}, "alpha must be a finite number > 0"),
     ({"dropout": float("nan")}, "dropout must be in [0, 1), got nan"),
     ({"rslora": "yes"}, "rslora must be True or False"),
+    ({"train_a": 0}, "train_a must be True or False, got 0"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -406,3 +408,73 @@ def test_layers_reading_the_same_input_share_one_dropout_mask():
     with torch.no_grad():
         y.mul_(1.0)
     assert not torch.equal(before, dropped(layers[1], y))  # changed in place
+
+
+# ---------------------------------------------------------------- LoRA-FA: A frozen, B trains
+
+
+def lora_fa_pair(dropout: float = 0.0):
+    """Two copies of one randomized model (a Linear, a Conv1D and a Linear) whose LoRA weights are equal, the
+    second with train_a=False; float64."""
+    import lorakit
+
+    models = []
+    for train_a in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 10), conv1d(10, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+        lorakit.inject(model, ["0", "1", "3"], r=3, alpha=6, dropout=dropout, train_a=train_a)
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                torch.manual_seed(1)
+                randomize(layer)
+        models.append(model.train())
+    return models
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_fa_gradients_of_b_equal_plain_loras_and_a_gets_none(dropout):
+    from lorakit import lora_layers
+
+    plain, fa = lora_fa_pair(dropout)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for model in (plain, fa):
+        torch.manual_seed(3)  # the same dropout masks
+        model(x).square().sum().backward()
+    for (_, ours), (_, theirs) in zip(lora_layers(fa), lora_layers(plain)):
+        a, b = ours.adapters["default"], theirs.adapters["default"]
+        assert not a.lora_a.requires_grad and a.lora_a.grad is None and b.lora_a.grad.abs().max() > 0
+        assert a.lora_b.grad.abs().max() > 0
+        torch.testing.assert_close(a.lora_b.grad, b.lora_b.grad, atol=1e-12, rtol=0)
+
+
+def test_a_lora_fa_step_keeps_a_and_moves_b_without_warning():
+    import lorakit
+
+    _, model = lora_fa_pair(0.1)
+    adapters = [m for m in model.modules() if isinstance(m, lorakit.LoraAdapter)]
+    before = [(a.lora_a.detach().clone(), a.lora_b.detach().clone()) for a in adapters]
+    optimizer = torch.optim.AdamW(lorakit.param_groups(model, lr=1e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "training with LoRA adapter frozen" warning: B trains
+        model(torch.randn(5, 12, dtype=torch.float64)).square().sum().backward()
+    optimizer.step()
+    for adapter, (a, b) in zip(adapters, before):
+        assert torch.equal(adapter.lora_a, a) and (adapter.lora_b - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("train_a", [True, False])
+def test_the_fused_node_keeps_x_only_while_a_trains(train_a):
+    """A's gradient is the only one that reads x: with A frozen (LoRA-FA) nothing of x's size is kept in fp32."""
+    base = nn.Linear(64, 64)
+    base.requires_grad_(False)
+    layer = LoraLayer(base)
+    layer.add("default", LoraConfig(r=4, dropout=0.1, train_a=train_a)).lora_a.requires_grad_(train_a)
+    layer.train()
+    x = torch.randn(32, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    kept = [t for t in saved if t.numel() == x.numel() and t.is_floating_point()]
+    assert [t.data_ptr() for t in kept] == ([x.data_ptr()] if train_a else [])
+    out.sum().backward()
+    assert x.grad.abs().max() > 0

@@ -1,6 +1,8 @@
 """lorakit against Hugging Face PEFT with identical weights: same logits, same LoRA gradients."""
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -143,3 +145,122 @@ def test_peft_residual_form_adapter_is_refused_and_its_conversion_loads_exactly(
         ours = base(ids).logits
     torch.testing.assert_close(ours, trained, atol=1e-5, rtol=0)
     assert (ours - plain).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- per-layer rank and alpha
+
+
+def peft_lora_params(model):
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank_and_alpha_patterns_match_peft(tiny_llama, rslora):
+    """The same patterns in lorakit and in PEFT give every layer the same rank and alpha: same logits, same
+    gradients. Keys by suffix and by regex, one layer's rank and alpha each set by another key."""
+    patterns = {"rank_pattern": {r"layers\.1\.self_attn\.q_proj": 8, "up_proj": 2},
+                "alpha_pattern": {"v_proj": 3, "q_proj": 16}}
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    base_logits = tiny_llama(ids).logits
+    base = copy.deepcopy(tiny_llama)
+    lorakit.inject(tiny_llama, ["q_proj", "v_proj", "up_proj"], r=4, alpha=8, rslora=rslora, **patterns)
+    assert {layer.adapters["default"].config.r for _, layer in lorakit.lora_layers(tiny_llama)} == {2, 4, 8}
+    randomize(tiny_llama)
+    twin = peft_twin(base, tiny_llama, r=4, lora_alpha=8, use_rslora=rslora,
+                     target_modules=["q_proj", "v_proj", "up_proj"], **patterns)
+    ours, theirs = tiny_llama(ids, labels=ids), twin(input_ids=ids, labels=ids)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert (ours.logits - base_logits).abs().max() > 1e-2
+    ours.loss.backward()
+    theirs.loss.backward()
+    assert_same_grads(tiny_llama, twin)
+
+
+def test_minilm_rank_and_alpha_patterns_match_peft(minilm):
+    patterns = {"rank_pattern": {"layer.0.attention.self.query": 16, r"layer\.[45]\.attention\.self\.value": 4},
+                "alpha_pattern": {"value": 4, r"layer\.3\..*query": 32}}
+    tokens = {"input_ids": torch.randint(1000, 5000, (3, 16)), "attention_mask": torch.ones(3, 16, dtype=torch.long)}
+    labels = torch.tensor([0, 1, 1])
+    base_logits = minilm(**tokens).logits
+    base = copy.deepcopy(minilm)
+    lorakit.inject(minilm, ["query", "value"], r=8, alpha=16, **patterns)
+    randomize(minilm, std=0.05)
+    twin = peft_twin(base, minilm, r=8, lora_alpha=16, target_modules=["query", "value"], **patterns)
+    assert twin.base_model.model.bert.encoder.layer[0].attention.self.query.r["default"] == 16
+    ours, theirs = minilm(**tokens, labels=labels), twin(**tokens, labels=labels)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert (ours.logits - base_logits).abs().max() > 1e-3
+    ours.loss.backward()
+    theirs.loss.backward()
+    assert_same_grads(minilm, twin)
+
+
+def test_per_layer_ranks_saved_for_peft_load_in_peft_even_where_a_loose_key_would_name_another_layer(tmp_path):
+    """"fc" is also the end of "block.fc", and "a.b" as a regex matches "a_b": the PEFT file names each layer
+    whose rank or alpha differ by its escaped, anchored full name, so PEFT gives each layer its own."""
+    from conftest import Nested
+
+    model, base = Nested().eval(), Nested().eval()
+    lorakit.inject(model, ["fc", "a.b", "a_b", re.compile(r"layers\.\d+")], r=2, alpha=2,
+                   rank_pattern={"^fc": 4, r"a\.b": 3, r"layers\.1$": 5}, alpha_pattern={r"^a\.b": 6, "layers.11": 1})
+    randomize(model)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    assert (expected - base(x)).abs().max() > 1e-2
+    lorakit.save_adapter(model, tmp_path, format="peft", print_fn=lambda s: None)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 2)
+    assert config["rank_pattern"] == {"^fc": 4, r"^a\.b": 3, r"^layers\.1": 5}
+    assert config["alpha_pattern"] == {r"^a\.b": 6, r"^layers\.11": 1}
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.testing.assert_close(theirs(x), expected, atol=1e-6, rtol=0)
+
+
+def test_peft_patterns_both_ways(tiny_llama, tmp_path):
+    """PEFT's save with rank_pattern and alpha_pattern (two alpha keys name one layer: the first wins) loads into
+    lorakit with PEFT's ranks, alphas and logits; lorakit's PEFT save of per-layer ranks loads into PEFT."""
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(2))
+    base_logits = tiny_llama(ids).logits
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                             rank_pattern={"up_proj": 2, r"layers\.0\.self_attn\.v_proj": 6},
+                             alpha_pattern={"q_proj": 16, r"layers\.1\.self_attn\.q_proj": 1, "v_proj": 2})
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config)
+    with torch.no_grad():
+        for p in peft_lora_params(theirs):
+            p.normal_(std=0.1)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    expected = theirs(input_ids=ids).logits
+    ours = copy.deepcopy(tiny_llama)
+    with pytest.warns(lorakit.files.UnverifiedBase):
+        lorakit.load_adapter(ours, tmp_path / "peft")
+    got = {name.removeprefix("model.layers."): (layer.adapters["default"].config.r,
+                                                layer.adapters["default"].config.alpha)
+           for name, layer in lorakit.lora_layers(ours)}
+    assert got == {"0.self_attn.q_proj": (4, 16), "0.self_attn.v_proj": (6, 2), "0.mlp.up_proj": (2, 8),
+                   "1.self_attn.q_proj": (4, 16), "1.self_attn.v_proj": (4, 2), "1.mlp.up_proj": (2, 8)}
+    torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)
+    assert (expected - base_logits).abs().max() > 1e-2
+
+    lorakit.save_adapter(ours, tmp_path / "ours", format="peft", print_fn=lambda s: None)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_peft_config_without_lora_alpha_takes_peft_default(tiny_llama, tmp_path):
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(3))
+    config = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj"])
+    model = peft.get_peft_model(copy.deepcopy(tiny_llama), config)
+    with torch.no_grad():
+        for p in peft_lora_params(model):
+            p.normal_(std=0.1)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["lora_alpha"]
+    path.write_text(json.dumps(config))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path).eval()
+    ours = copy.deepcopy(tiny_llama)
+    with pytest.warns(lorakit.files.UnverifiedBase):
+        lorakit.load_adapter(ours, tmp_path)
+    assert {layer.adapters["default"].config.alpha for _, layer in lorakit.lora_layers(ours)} == {8}
+    torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)

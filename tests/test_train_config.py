@@ -140,3 +140,34 @@ def test_a_lora_setting_is_defined_once_and_reaches_inject_the_file_and_inspect(
 def test_loraplus_ratio_is_checked():
     with pytest.raises(ConfigError, match=r"train.loraplus_ratio must be a finite number > 0 .*got 0"):
         build_config({"train": {"loraplus_ratio": 0}})
+
+
+def test_rank_and_alpha_patterns_from_the_command_line_and_a_recipe(tmp_path):
+    cfg = build_config({}, ["--lora.rank_pattern", '{"layer\\\\.0\\\\..*query": 16, "value": 4}',
+                            "--lora.alpha_pattern", '{"value": 2}', "--lora.train_a", "false"])
+    assert cfg.lora.rank_pattern == {r"layer\.0\..*query": 16, "value": 4} and cfg.lora.alpha_pattern == {"value": 2.0}
+    assert list(cfg.lora.rank_pattern) == [r"layer\.0\..*query", "value"]  # the order decides which key wins
+    assert cfg.lora.adapter.train_a is False
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[lora]\nrank_pattern = { query = 16, "layer\\\\.1\\\\..*value" = 2 }\n'
+                      'alpha_pattern = { query = 32 }\n')
+    cfg = build_config(load_recipe(recipe))
+    assert cfg.lora.rank_pattern == {"query": 16, r"layer\.1\..*value": 2} and cfg.lora.alpha_pattern == {"query": 32.0}
+    assert build_config().lora.rank_pattern == {} and build_config().to_dict()["lora"]["alpha_pattern"] == {}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--lora.rank_pattern", "{query: 16}"],
+     "lora.rank_pattern must be a JSON object such as '{\"query\": 16}', got '{query: 16}' (Expecting property name"),
+    (["--lora.rank_pattern", "[1, 2]"], "lora.rank_pattern must be a table (a JSON object on the command line)"),
+    (["--lora.rank_pattern", '{"query": 2.5}'], "lora.rank_pattern['query'] must be an integer, got 2.5"),
+    (["--lora.rank_pattern", '{"query": 0}'], "lora.rank_pattern['query']: r must be an integer >= 1, got 0"),
+    (["--lora.alpha_pattern", '{"query": "x"}'], "lora.alpha_pattern['query'] must be a number, got 'x'"),
+    (["--lora.alpha_pattern", '{"query": -1}'], "lora.alpha_pattern['query']: alpha must be a finite number > 0"),
+    (["--lora.rank_pattern", '{"(query": 4}'], "lora.rank_pattern key '(query' is not a valid regex"),
+    (["--lora.train_a", "sometimes"], "lora.train_a must be true or false, got 'sometimes'"),
+])
+def test_bad_patterns_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_config({}, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from .inject import Plan, apply_plan, check_plan, freeze
 from .layers import (Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, adapter_home, base_of,
                      kind_of)
 from .quant import dequantize, is_quantized, nf4_roundtrip
-from .targets import check_slices, matches_suffix
+from .targets import check_slices, matches_suffix, pattern_key
 
 FORMAT_VERSION = "1.1"  # 1.1: the weights file's metadata carries the settings digest
 CONFIG_NAME = "adapter_config.json"
@@ -47,6 +48,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")  # what a save replaces (PEFT may have left a .bin)
 BASE_KEY, SETTINGS_KEY = "lorakit.base", "lorakit.settings"  # in the weights file's header metadata
 PEFT_PREFIX = "base_model.model."
+PEFT_ALPHA = 8  # PEFT's LoraConfig.lora_alpha when a config leaves it out
 _NATIVE_KEYS = {"format_version", "library", "lorakit_version", "adapter", "lora", "layers", "modules_to_save",
                 "biases", "base", "weights_sha256"}
 _PEFT_UNSUPPORTED = {"lora_bias": False, "target_parameters": None, "layer_replication": None,
@@ -391,9 +393,10 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
     for module, state in spec.saved.items():
         tensors.update({f"{PEFT_PREFIX}{module}.{k}": v for k, v in state.items()})
     tensors.update({f"{PEFT_PREFIX}{module}.bias": b for module, b in spec.biases.items()})
-    first = next(iter(spec.layers))
-    r0, a0 = ranks[first], alphas[first]
-    c0 = spec.layers[first][0]
+    # The most common rank and alpha are the defaults; each layer that differs is named by its full name, anchored
+    # and escaped for PEFT's pattern match (`targets.pattern_key`): "^layers\.1\.q" names layers.1.q alone.
+    r0, a0 = (Counter(values.values()).most_common(1)[0][0] for values in (ranks, alphas))
+    c0 = next(iter(spec.layers.values()))[0]
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
@@ -401,8 +404,8 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
         "target_modules": sorted(spec.layers), "modules_to_save": sorted(spec.saved) or None,
         "fan_in_fan_out": has_conv1d, "init_lora_weights": c0.init if residual.is_residual(c0.init) else True,
         "use_dora": c0.dora,
-        "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
+        "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {f"^{re.escape(n)}": a for n, a in alphas.items() if a != a0},
     }
     return tensors, config
 
@@ -533,6 +536,7 @@ def _from_native(config: dict, tensors: dict[str, Tensor], config_path: Path) ->
     lora = _typed(config["lora"], dict, "lora")
     settings = {k: lora[k] for k in ("dropout", "rslora", "init", "bias")}
     settings["dora"] = lora.get("dora", False)  # absent from files written before DoRA
+    settings["train_a"] = lora.get("train_a", True)  # files written before LoRA-FA do not say
     layers = {}
     for name, v in _typed(config["layers"], dict, "layers").items():
         _typed(v, dict, f"layers.{name}")
@@ -607,8 +611,8 @@ def _from_peft(config: dict, tensors: dict[str, Tensor], config_path: Path) -> A
             raise AdapterFileError(f"{config_path.parent / WEIGHTS_NAME}: {name!r} has lora_A of shape "
                                    f"{tuple(a.shape)} and lora_B of shape {tuple(b.shape)}; expected matrices")
         r = a.shape[0]
-        alpha = next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)),
-                     config.get("lora_alpha", r))
+        key = pattern_key(alpha_pattern, name)  # the rank is A's; the alpha is PEFT's for this layer
+        alpha = alpha_pattern[key] if key is not None else config.get("lora_alpha", PEFT_ALPHA)
         spec.layers[name] = (LoraConfig(r=r, alpha=alpha, **settings), None)
         spec.lora[name] = (a, b)
         if "m" in ab:

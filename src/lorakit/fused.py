@@ -88,9 +88,10 @@ class FusedLinear(torch.autograd.Function):
 
     x: (N, in), y: (N, out) the base's output, both in the compute dtype; a: (p·r, in) and up: (out, p·r)
     the adapter's own weights, cast inside the node and given their gradients back in their own dtype.
-    keep: the dropout mask (None without dropout) and p the probability it was drawn with. Saves x itself
-    (shared with every sibling projection that reads the same x), the bool mask and u = dropout(x)·Aᵀ
-    (p·r values a row); the scale rides in the matmuls."""
+    keep: the dropout mask (None without dropout) and p the probability it was drawn with. Saves the bool mask,
+    u = dropout(x)·Aᵀ (p·r values a row) and, only while A trains, x itself (shared with every sibling projection
+    that reads the same x): A's gradient is all that reads x, so under a frozen A (LoRA-FA) no float tensor of the
+    input's size is kept. The scale rides in the matmuls."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, a: Tensor, up: Tensor, scale: float, keep: Tensor | None,
@@ -100,7 +101,7 @@ class FusedLinear(torch.autograd.Function):
         u = (x if keep is None else x * keep) @ a.t()  # (N, p·r)
         if keep is not None:
             u.mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(x, keep, u, a, up)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, keep, u, a, up)
         ctx.scale, ctx.p = scale, p
         return torch.addmm(y, u, up.t(), alpha=scale)  # (N, out)
 

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 from . import residual
-from .adapters import check_name, freeze_base, outside_adapters
+from .adapters import check_name, freeze_base, holders, outside_adapters
 from .layers import Geometry, LoraAdapter, LoraConfig, LoraLayer, SavedModule, Slices, base_of
 from .quant import is_quantized
 from .summary import InjectReport, Replacement
-from .targets import Target, match_suffixes, resolve_targets
+from .targets import Target, match_suffixes, plan_layers, resolve_targets
 
 def inject(
     model: nn.Module,
     targets: Target | Iterable[Target],
     config: LoraConfig | None = None,
     *,
+    rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
     modules_to_save: Iterable[str] = (),
     adapter: str = "default",
     dry_run: bool = False,
@@ -31,28 +32,24 @@ def inject(
 ) -> InjectReport:
     """Swap the target layers of `model` for LoRA layers in place and freeze everything else.
 
-    config: the adapter's settings (default `LoraConfig()`); any LoraConfig field given by keyword
-    (`r=8, alpha=16, dropout=0.05`, ...) replaces the config's. Trainable afterwards: the new A and B, the
-    modules named in `modules_to_save` (by suffix; the adapter trains its own copy), and the biases that
-    `config.bias` asks for; other adapters keep their state. On a model that already has adapters, a new
-    `adapter` name adds a second adapter to the layers it targets and makes it active. Returns a report of
-    every replaced module; with `dry_run=True` the model is left untouched. Raises ValueError for a target
-    that matches nothing (naming the closest module names), TypeError for a match LoRA cannot adapt or an
-    unknown setting, and ValueError for a layer that already has this adapter or a bad setting — always
-    before changing anything.
+    config: the adapter's settings (default `LoraConfig()`); any LoraConfig field given by keyword (`r=8, alpha=16,
+    dropout=0.05`, ...) replaces the config's, and rank_pattern, alpha_pattern ({regex: r}, {regex: alpha}) change r
+    and alpha on the layers they name, as PEFT's do (`targets.plan_layers`). Trainable afterwards: B, A (unless
+    config.train_a is False), the modules named in `modules_to_save` (by suffix; the adapter trains its own copy)
+    and the biases that `config.bias` asks for; other adapters keep their state. On a model that already has
+    adapters, a new `adapter` name adds a second adapter to the layers it targets and makes it active. Returns a
+    report of every replaced module; with `dry_run=True` the model is left untouched. Raises ValueError for a target
+    or pattern that matches nothing (naming the closest names), TypeError for a match LoRA cannot adapt or an unknown
+    setting, and ValueError for a layer that already has this adapter or a bad setting — before changing anything.
     """
     config = dataclasses.replace(config or LoraConfig(), **settings)
-    if isinstance(modules_to_save, str):
-        raise TypeError(f"modules_to_save must be a list of module-name suffixes, got the string {modules_to_save!r}")
     saved = match_suffixes(model, modules_to_save)
-    chosen = resolve_targets(model, targets, exclude=saved)
-    plan = {name: (module, config, slices) for name, (module, slices) in chosen.items()}
+    plan = plan_layers(resolve_targets(model, targets, exclude=saved), config, rank_pattern, alpha_pattern)
     report = InjectReport(check_plan(plan, saved, model, adapter), config, adapter, saved, dry_run)
     if not dry_run:
         apply_plan(model, plan, saved, adapter)
-        for module in model.modules():
-            if isinstance(module, (LoraLayer, SavedModule)):
-                module.active = adapter if adapter in module.adapters else None
+        for module in holders(model):
+            module.active = adapter if adapter in module.adapters else None
         freeze(model, adapter, bias=config.bias)
     return report
 
@@ -77,8 +74,7 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
                 raise ValueError(f"modules_to_save {outer!r} contains the {what} {inner!r}: the two would share "
                                  f"tensors; train {outer!r} in full or adapt {inner!r}, not both")
     for name in plan:
-        inside = [s for s in saved if s.startswith(name + ".")]
-        if inside:
+        if inside := [s for s in saved if s.startswith(name + ".")]:
             raise ValueError(f"LoRA target {name!r} contains {inside[0]!r} from modules_to_save; choose one")
     replaced = []
     for name, (module, config, slices) in plan.items():
@@ -90,7 +86,7 @@ def check_plan(plan: Plan, saved: list[str], model: nn.Module, adapter: str) -> 
         residual.check(module, g.kind, config.init, slices, is_quantized(base_of(module)))
         magnitude = g.out_features if config.dora else 0
         replaced.append(Replacement(name, g.kind, g.in_features, g.out_features,
-                                    math.prod(a_shape) + math.prod(b_shape) + magnitude, slices))
+                                    math.prod(a_shape) + math.prod(b_shape) + magnitude, slices, config))
     for name in saved:
         module = model.get_submodule(name)
         if isinstance(module, SavedModule) and adapter in module.adapters:
@@ -116,8 +112,8 @@ def apply_plan(model: nn.Module, plan: Plan, saved: list[str], adapter: str, bui
 
 
 def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> None:
-    """Make `adapter` trainable (its A and B and its copies of saved modules, found by type) with
-    the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
+    """Make `adapter` trainable (its B, its A unless its config has train_a=False, its copies of saved modules;
+    found by type) with the biases that `bias` names; freeze the base model. Other adapters are left as they are."""
     freeze_base(model)
     modules = list(outside_adapters(model))
     frozen_originals = {id(p) for m in modules if isinstance(m, SavedModule) for p in m.original.parameters()}
@@ -125,6 +121,8 @@ def freeze(model: nn.Module, adapter: str = "default", bias: str = "none") -> No
     for m in modules:
         if isinstance(m, (LoraLayer, SavedModule)) and adapter in m.adapters:
             m.adapters[adapter].requires_grad_(True)
+            if isinstance(m, LoraLayer):  # LoRA-FA: A keeps its initial value
+                m.adapters[adapter].lora_a.requires_grad_(m.adapters[adapter].config.train_a)
         b = getattr(m, "bias", None)
         if not isinstance(b, nn.Parameter) or id(b) in frozen_originals:
             continue

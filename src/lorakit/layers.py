@@ -48,11 +48,12 @@ SUPPORTED = "Linear, Conv1D (Hugging Face), Conv2d, Embedding"
 class LoraConfig:
     """Settings of one adapter.
 
-    r: rank of the update. alpha: scale numerator (default r, so s = 1). dropout: probability on
-    the adapter's input; LoRA Linears that read the same input in turn (q, k, v; gate, up) drop the
-    same entries of it, one mask, as one A for all of them would. rslora: scale by alpha / sqrt(r)
-    instead of alpha / r. init: A drawn Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r), or A and B
-    from W0's SVD ("pissa", "pissa_niter_K") or QR ("olora"), W0 then holding the rest (residual.py).
+    r: rank of the update. alpha: scale numerator (default r, so s = 1). dropout: probability on the adapter's
+    input; LoRA Linears that read the same input in turn (q, k, v; gate, up) drop the same entries of it, one mask,
+    as one A for all of them would. rslora: scale by alpha / sqrt(r) instead of alpha / r. init: A drawn
+    Kaiming-uniform (a=√5, as nn.Linear) or Gaussian (std 1/r), or A and B from W0's SVD ("pissa",
+    "pissa_niter_K") or QR ("olora"), W0 then holding the rest (residual.py). train_a: False freezes A; B trains
+    alone (LoRA-FA).
     bias: which biases train —
     "none", "all" of the model's, or "lora_only" (those of adapted layers).
     dora: decompose the adapted weight into a trained magnitude per output and a direction (DoRA).
@@ -63,6 +64,7 @@ class LoraConfig:
     dropout: float = 0.0
     rslora: bool = False
     init: Init = "kaiming"
+    train_a: bool = True
     bias: Bias = "none"
     dora: bool = False
 
@@ -73,7 +75,7 @@ class LoraConfig:
             raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = r), got {self.alpha!r}")
         if not (_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for flag in ("rslora", "dora"):
+        for flag in ("rslora", "train_a", "dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.init not in INITS and not residual.is_residual(self.init):
@@ -324,7 +326,7 @@ class LoraLayer(nn.Module):
         if self.active is None or self.active in self.merged:
             return y
         adapter = self.adapters[self.active]
-        if self.training and torch.is_grad_enabled() and not adapter.lora_a.requires_grad:
+        if self.training and torch.is_grad_enabled() and not adapter.lora_b.requires_grad:
             warnings.warn(f"training with LoRA adapter {self.active!r} frozen, so it will not learn; "
                           f"load it with trainable=True (or call lorakit.freeze) to train it", stacklevel=2)
         if adapter.magnitude is not None:

@@ -20,7 +20,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         torch.optim.AdamW(lorakit.param_groups(model, lr=2e-4, loraplus_ratio=16))
 
     (PEFT's `create_loraplus_optimizer` also gives 1-D parameters B's rate and embedding adapters a fixed
-    1e-6; here only B's rate changes, as in the paper.)"""
+    1e-6; here only B's rate changes, as in the paper.) The groups hold what trains, so LoRA-FA's frozen A
+    (`LoraConfig.train_a=False`, applied by `inject` and `freeze`) is in none."""
     for name, value, allowed, ok in (("lr", lr, "> 0", lambda v: v > 0),
                                      ("weight_decay", weight_decay, ">= 0", lambda v: v >= 0),
                                      ("loraplus_ratio", loraplus_ratio, "> 0", lambda v: v > 0)):

@@ -24,6 +24,7 @@ class Replacement:
     out_features: int
     params: int
     slices: Slices | None = None
+    config: LoraConfig | None = None  # the layer's own settings: rank_pattern and alpha_pattern may change r, alpha
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,16 @@ class InjectReport:
         lines = [f"lorakit: {head} {len(self.replaced)} modules with LoRA adapter {self.adapter!r} "
                  f"({settings}; scale={self.config.scale:g})"]
         width = max([len(r.name) for r in self.replaced] + [6])
-        lines.append(f"  {'module':<{width}}  {'kind':<9}  {'in':>6}  {'out':>6}  {'params':>9}  slices")
+        # Where rank_pattern or alpha_pattern gave some layers their own r or alpha, every row shows its own.
+        own = any(r.config is not None and r.config != self.config for r in self.replaced)
+        lines.append(f"  {'module':<{width}}  {'kind':<9}  {'in':>6}  {'out':>6}  {'params':>9}  "
+                     + (f"{'r':>4}  {'alpha':>6}  " if own else "") + "slices")
         for r in self.replaced:
             sl = "-" if r.slices is None else ",".join(f"{a}:{b}" for a, b in r.slices)
+            c = r.config or self.config
+            ranks = f"{c.r:>4}  {c.r if c.alpha is None else c.alpha:>6g}  " if own else ""
             lines.append(f"  {r.name:<{width}}  {r.kind:<9}  {r.in_features:>6}  {r.out_features:>6}  "
-                         f"{r.params:>9,}  {sl}")
+                         f"{r.params:>9,}  {ranks}{sl}")
         lines.append(f"  adapter parameters added: {self.params_added:,}")
         if self.modules_to_save:
             lines.append(f"  fully trainable (modules_to_save): {', '.join(self.modules_to_save)}")

@@ -8,18 +8,21 @@ Targets, in any mix inside a list:
   `{"qkv": ((0, 512), (768, 1024))}` (explicit [start, stop) output ranges).
 A plain string other than `"all-linear"` is a regex, as in PEFT; `"all-linear"` is every Linear and
 Conv1D except the output head. A target that matches nothing is refused, naming the closest module names.
+
+Per-layer rank and alpha (`rank_pattern`, `alpha_pattern`) take PEFT's names and matching rule (`pattern_key`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import SUPPORTED, Geometry, LoraLayer, SavedModule, Slices, base_of, kind_of
+from .layers import SUPPORTED, Geometry, LoraConfig, LoraLayer, SavedModule, Slices, base_of, kind_of
 
 QKV = ("q", "k", "v")
 Target = str | type | re.Pattern | Mapping[str, tuple]
@@ -117,12 +120,17 @@ def _require(model: nn.Module, target: object, names: list[str]) -> list[str]:
                          f"{', '.join(present) or 'none'}")
     text = target if isinstance(target, str) else getattr(target, "pattern", str(target))
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if kind_of(m)})
-    close = difflib.get_close_matches(text, leaves, n=5, cutoff=0.5) or \
-        difflib.get_close_matches(text, list(modules), n=5, cutoff=0.5)
+    close = _closest(text, leaves, list(modules))
     hint = f"closest module names: {', '.join(close)}" if close else f"adaptable module names: {', '.join(leaves[:20])}"
     if isinstance(target, _BareRegex) and _suffix_matches(modules, text):
         hint = f"a plain string is a regex over full module names; for a name suffix pass a list: [{text!r}]"
     raise ValueError(f"target {text!r} matches no module in {type(model).__name__}; {hint}")
+
+
+def _closest(text: str, leaves: list[str], names: list[str]) -> list[str]:
+    """Up to five names like `text`: among the last components of module names, else among the whole names."""
+    return (difflib.get_close_matches(text, leaves, n=5, cutoff=0.5)
+            or difflib.get_close_matches(text, names, n=5, cutoff=0.5))
 
 
 def _choose(chosen: dict, name: str, module: nn.Module, slices: Slices | None) -> None:
@@ -172,5 +180,70 @@ def check_slices(ranges, out: int, name: str) -> Slices:
 
 def match_suffixes(model: nn.Module, suffixes: Iterable[str]) -> list[str]:
     """The module names that the suffixes select (modules_to_save), each suffix required to match, in order."""
+    if isinstance(suffixes, str):
+        raise TypeError(f"modules_to_save must be a list of module-name suffixes, got the string {suffixes!r}")
     modules = _candidate_modules(model)
     return list(dict.fromkeys(n for s in suffixes for n in _require(model, s, _suffix_matches(modules, s))))
+
+
+def pattern_key(patterns: Collection[str], name: str) -> str | None:
+    r"""The key of `patterns` that names module `name`, or None: PEFT's rule (`peft.utils.other.get_pattern_key`).
+
+    A key is a regex that must match the whole name or a whole dotted suffix of it, `re.match(rf"(.*\.)?({key})$",
+    name)`: "q_proj" names "model.layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj" names layer 1's but not
+    layer 11's, and "^" ties a key to the full name. When several keys name a layer, the first in order wins; when
+    none does, a key equal to the name itself (one the regex reading missed) still names it."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), name if name in patterns else None)
+
+
+def check_patterns(rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float]) -> None:
+    """ValueError unless every key is a regex, every rank_pattern value a rank and every alpha_pattern value an
+    alpha, as `LoraConfig` takes them."""
+    for what, patterns, field in (("rank_pattern", rank_pattern, "r"), ("alpha_pattern", alpha_pattern, "alpha")):
+        if not isinstance(patterns, Mapping):
+            raise ValueError(f"{what} must be a dict of regex → {field}, got {patterns!r}")
+        for key, value in patterns.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{what} keys must be strings (regexes over module names), got {key!r}")
+            if value is None:
+                raise ValueError(f"{what}[{key!r}] must be a number, got None")
+            try:
+                re.compile(key)
+                LoraConfig(**{field: value})
+            except re.error as e:
+                raise ValueError(f"{what} key {key!r} is not a valid regex ({e})") from None
+            except ValueError as e:
+                raise ValueError(f"{what}[{key!r}]: {e}") from None
+
+
+def plan_layers(chosen: Mapping[str, tuple[nn.Module, Slices | None]], config: LoraConfig,
+                rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None
+                ) -> dict[str, tuple[nn.Module, LoraConfig, Slices | None]]:
+    """The chosen layers (`resolve_targets`) with each one's settings, as surgery takes them: `config`, with r from
+    the rank_pattern key and alpha from the alpha_pattern key that name the layer (`pattern_key`). (An alpha of
+    None stays None: each layer's alpha is then its own r.)
+
+    ValueError (`check_patterns`) for a bad key or value, and for a key that sets no layer: one that names none of
+    the chosen layers (the closest are named) or only layers that an earlier key already sets."""
+    rank_pattern, alpha_pattern = rank_pattern or {}, alpha_pattern or {}
+    check_patterns(rank_pattern, alpha_pattern)
+    names = list(chosen)
+    configs = {name: config for name in names}
+    for what, patterns, field in (("rank_pattern", rank_pattern, "r"), ("alpha_pattern", alpha_pattern, "alpha")):
+        used = set()
+        for name in names:
+            if (key := pattern_key(patterns, name)) is not None:
+                configs[name] = dataclasses.replace(configs[name], **{field: patterns[key]})
+                used.add(key)
+        for key in patterns:
+            if key in used:
+                continue
+            named = [n for n in names if pattern_key([key], n)]
+            if named:
+                raise ValueError(f"{what} key {key!r} sets no layer: {named[0]!r} and any other layer it names are "
+                                 f"set by the earlier key {pattern_key(patterns, named[0])!r} (the first key that "
+                                 f"names a layer wins, as in PEFT); put {key!r} first")
+            close = _closest(key, sorted({n.rsplit(".", 1)[-1] for n in names}), names)
+            hint = f"closest layer names: {', '.join(close)}" if close else f"targeted layers: {', '.join(names[:8])}"
+            raise ValueError(f"{what} key {key!r} names none of the {len(names)} targeted layers; {hint}")
+    return {name: (module, configs[name], slices) for name, (module, slices) in chosen.items()}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import atomic, tensorfile
+from ..adapters import holders
 from ..files import full_tensor
 from .distributed import shard_like
 
@@ -52,9 +53,17 @@ def strict(value: Any) -> Any:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the trainable parameters, whole (gathered from every rank when sharded)."""
+    """Copies of the run's own parameters (`run_params`), whole (gathered from every rank when sharded)."""
     with torch.no_grad():
-        return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: full_tensor(p.detach()).clone() for n, p in run_params(model).items()}
+
+
+def run_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that are the run's own rather than the base model's: those that train and every adapter's.
+    A LoRA-FA adapter's A (train_a=False) does not train, but it was drawn at random by this run, so no file of
+    the base model can give it back: a checkpoint holds it, and a bf16 run keeps it in fp32 beside B."""
+    adapters = {id(p) for h in holders(model) for p in h.adapters.parameters()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) in adapters}
 
 
 def save(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -148,7 +157,7 @@ def load(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if path is None:
         raise CheckpointError(f"no checkpoint in {run} to resume from")
     state, weights, tensors = read(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = run_params(model)
     if set(weights) != set(params):
         extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
         raise CheckpointError(f"checkpoint in {path} does not match the model: "

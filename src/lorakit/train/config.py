@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from ..layers import LoraConfig
 from ..quant import QUANTIZE, Quantize
+from ..targets import check_patterns
 
 Task = Literal["classify", "causal-lm", "image"]
 Method = Literal["lora", "full", "head"]
@@ -85,21 +86,27 @@ class DataConfig:
 @dataclass(frozen=True)
 class LoraSection(LoraConfig):
     """[lora]: the adapter's settings — every field of `lorakit.LoraConfig` (r, alpha, dropout, rslora, init,
-    bias, ...: see it; the default job takes alpha 16 and dropout 0.1) — and what trains:
+    train_a, bias, ...: see it; the default job takes alpha 16 and dropout 0.1) — and what trains:
     method: "lora" (adapters only), "full" (every weight trains), "head" (only the task head).
     targets: module-name suffixes, or "all-linear"; None picks per architecture (BERT query,value;
     Llama q_proj,v_proj; GPT-2 c_attn's q and v slices; ConvNet fc1,fc2,fc3).
-    modules_to_save: modules that train in full (None: the task head, when the task adds one)."""
+    modules_to_save: modules that train in full (None: the task head, when the task adds one).
+    rank_pattern, alpha_pattern: {regex: r} and {regex: alpha} for the targeted layers whose rank or alpha differ,
+    as PEFT names them (`lorakit.inject`); a TOML table, or JSON on the command line:
+    --lora.rank_pattern '{"layer.0.attention.self.query": 16}'."""
 
     alpha: float | None = 16.0
     dropout: float = 0.1
     method: Method = "lora"
     targets: list[str] | None = None
     modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
             super().__post_init__()
+            check_patterns(self.rank_pattern, self.alpha_pattern)
         except ValueError as e:
             raise ConfigError(f"lora.{e}") from None
         _choice(self, "method", METHODS, "lora")
@@ -334,6 +341,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
+    if origin is dict:  # a table in a recipe, a JSON object on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key} must be a JSON object such as '{{\"query\": 16}}', got {value!r} "
+                                  f"({e.msg} at character {e.pos})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table (a JSON object on the command line), got {value!r}")
+        return {_coerce(args[0], k, f"{key} key"): _coerce(args[1], v, f"{key}[{k!r}]") for k, v in value.items()}
     if origin is list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list):

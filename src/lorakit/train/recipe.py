@@ -105,7 +105,8 @@ def inject_from_config(cfg: RunConfig, task: Prepared, dry_run: bool = False) ->
     if targets == ["all-linear"]:
         targets = "all-linear"
     try:
-        return inject(task.model, targets, cfg.lora.adapter, modules_to_save=trained_in_full(cfg, task.arch),
+        return inject(task.model, targets, cfg.lora.adapter, rank_pattern=cfg.lora.rank_pattern,
+                      alpha_pattern=cfg.lora.alpha_pattern, modules_to_save=trained_in_full(cfg, task.arch),
                       dry_run=dry_run)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"lora: {e}") from None
@@ -193,7 +194,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool, overwrite: bool, changes: di
     apply_method(cfg, task, print_fn)
     fast_dropout(model)  # the base's own dropout layers: the same masks' distribution, drawn faster on CPU
     if stores_bf16(cfg) and not (dist.world > 1 and cfg.train.distributed == "fsdp"):
-        frozen_to_bf16(model, [p for p in model.parameters() if p.requires_grad])
+        frozen_to_bf16(model, checkpoint.run_params(model).values())
     if dist.rank:
         torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)  # rank k's own dropout masks
     if not any(p.requires_grad for p in model.parameters()):
@@ -314,7 +315,7 @@ def _resume(cfg: RunConfig, run: Path, changes: dict, model: nn.Module, optimize
         atomic.clean_folder(run)
         metrics.truncate(state.metrics_lines)
     if changes:
-        _apply_resume_changes(cfg, optimizer, scheduler, factor)
+        _apply_resume_changes(cfg, changes.get("train.lr", (cfg.train.lr,))[0], optimizer, scheduler, factor)
         if dist.main:
             atomic.write_file(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             metrics.write(event="resume", step=state.step,
@@ -358,13 +359,12 @@ def _start(cfg: RunConfig, run: Path, overwrite: bool, task: Prepared, model: nn
     return metrics, state
 
 
-def _apply_resume_changes(cfg: RunConfig, optimizer, scheduler, factor) -> None:
-    """Give the restored optimizer and schedule the new learning rate and step budget: the rate at the
-    current step is the new base rate times the (new) schedule's factor there; each group keeps its rate's
-    ratio to the first group's (LoRA+'s B group)."""
-    first = optimizer.param_groups[0]["initial_lr"]
+def _apply_resume_changes(cfg: RunConfig, old_lr: float, optimizer, scheduler, factor) -> None:
+    """Give the restored optimizer and schedule the new learning rate (`old_lr`: the run's until now) and step
+    budget: the rate at the current step is the new base rate times the (new) schedule's factor there; each
+    group keeps its rate's ratio to the base rate (LoRA+'s B group, which may be the only one under LoRA-FA)."""
     for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.train.lr * group["initial_lr"] / first
+        group["initial_lr"] = cfg.train.lr * (group["initial_lr"] / old_lr)
         group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -22,7 +22,7 @@ from ..adapters import holders
 from ..files import BaseMismatch, base_digest, load_adapter
 from ..layers import LoraLayer
 from . import data as D
-from .checkpoint import strict
+from .checkpoint import run_params, strict
 from .config import ConfigError, RunConfig, build_config
 from .distributed import shard_like
 from .tasks import Prepared, block_split, evaluate, prepare, text_blocks, text_split
@@ -64,7 +64,7 @@ def load_weights(model: nn.Module, path: Path, trainable_only: bool) -> list[nn.
         tensors = tensorfile.read(path)[0]
     except tensorfile.TensorFileError as e:
         raise RunError(str(e)) from None
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    named = run_params(model) if trainable_only else dict(model.named_parameters())
     for n, t in tensors.items():
         if n not in named:
             raise RunError(f"{path} holds {n!r}, which is not a {'trainable ' if trainable_only else ''}parameter "
