@@ -264,3 +264,32 @@ def test_a_peft_config_without_lora_alpha_takes_peft_default(tiny_llama, tmp_pat
         lorakit.load_adapter(ours, tmp_path)
     assert {layer.adapters["default"].config.alpha for _, layer in lorakit.lora_layers(ours)} == {8}
     torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_peft_file_adapts_exactly_the_saved_layers_when_a_name_is_also_a_suffix(tmp_path):
+    """PEFT reads a target_modules list as dotted suffixes: "fc" would also adapt "block.fc"."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential()
+            self.block.fc = nn.Linear(6, 6)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(self.block.fc(x))
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(4, 6)
+    lorakit.inject(net, "fc", r=2)  # a bare string is a regex over whole names: the top-level fc only
+    randomize(net)
+    with torch.no_grad():
+        want = net(x)
+    lorakit.save_adapter(net, tmp_path / "p", format="peft", print_fn=lambda s: None)
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path / "p")
+    adapted = [n for n, m in theirs.named_modules() if hasattr(m, "lora_A")]
+    assert adapted == ["base_model.model.fc"]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), want, atol=1e-6, rtol=0)

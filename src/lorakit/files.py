@@ -401,13 +401,22 @@ def _to_peft(model: nn.Module, spec: AdapterSpec, name: str) -> tuple[dict[str, 
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "r": r0, "lora_alpha": a0, "lora_dropout": c0.dropout, "use_rslora": c0.rslora, "bias": c0.bias,
-        "target_modules": sorted(spec.layers), "modules_to_save": sorted(spec.saved) or None,
+        "target_modules": _peft_targets(model, sorted(spec.layers)), "modules_to_save": sorted(spec.saved) or None,
         "fan_in_fan_out": has_conv1d, "init_lora_weights": c0.init if residual.is_residual(c0.init) else True,
         "use_dora": c0.dora,
         "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {f"^{re.escape(n)}": a for n, a in alphas.items() if a != a0},
     }
     return tensors, config
+
+
+def _peft_targets(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT's target_modules for exactly these layers: the names, which PEFT matches as dotted suffixes, or — where
+    another module's name ends in one of them — one regex that PEFT matches against whole names."""
+    wanted = set(names)
+    if not any(n not in wanted and any(n.endswith("." + t) for t in names) for n, _ in model.named_modules()):
+        return names
+    return "(" + "|".join(re.escape(n) for n in names) + ")"
 
 
 # ---------------------------------------------------------------- read
