@@ -171,3 +171,20 @@ def test_bad_patterns_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         build_config({}, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_counts_a_reordered_pattern_as_a_change(tmp_path):
+    """The first key of a pattern that matches a layer wins, so the same keys in another order are another run."""
+    import json
+
+    from lorakit.train.recipe import resume_changes
+    from lorakit.train.tasks import resolved
+    from lorakit.train.runs import RunError
+
+    first = {"layer.0.attention.self.query": 6, "query": 4}
+    cfg = build_config({"out": str(tmp_path), "lora": {"rank_pattern": first}})
+    (tmp_path / "config.json").write_text(json.dumps(resolved(cfg).to_dict()))
+    assert resume_changes(tmp_path, cfg) == {}
+    swapped = build_config({"out": str(tmp_path), "lora": {"rank_pattern": dict(reversed(first.items()))}})
+    with pytest.raises(RunError, match="cannot change lora.rank_pattern"):
+        resume_changes(tmp_path, swapped)

@@ -62,13 +62,18 @@ def resume_changes(run: Path, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     RunError if one of them cannot change on resume."""
     saved = _flat(build_config(run_config_data(run)))
     asked = _flat(resolved(cfg))
-    changes = {k: (saved.get(k), v) for k, v in asked.items() if k != "out" and saved.get(k) != v}
+    changes = {k: (saved.get(k), v) for k, v in asked.items() if k != "out" and not _same(saved.get(k), v)}
     fixed = [k for k in changes if k not in RESUMABLE]
     if fixed:
         listed = ", ".join(f"{k} ({changes[k][0]!r} → {changes[k][1]!r})" for k in fixed[:4])
         raise RunError(f"--resume cannot change {listed}: the run in {run} was trained with the first; only "
                        f"{', '.join(RESUMABLE)} can change on resume (or start a new run)")
     return changes
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, mappings in the same order too (the first key of a rank or alpha pattern that matches wins)."""
+    return a == b and (not isinstance(a, dict) or list(a) == list(b))
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, dict]:
