@@ -890,6 +890,6 @@ def hot_swap(model: nn.Module, directory: str | os.PathLike, name: str, force: b
         raise AdapterFileError(f"cannot hot-swap {name!r} from {directory}: " + "; ".join(problems[:4])
                                + " — a swap keeps every shape; load it as a new adapter instead")
     for layer_name, (config, _) in spec.layers.items():
-        adapter = model.get_submodule(layer_name).adapters[name]
-        adapter.config, adapter.scale = config, config.scale
+        adapter = model.get_submodule(layer_name).adapters[name]  # what trains stays as it was (train_a)
+        adapter.config, adapter.scale = replace(config, train_a=adapter.config.train_a), config.scale
     _copy_in(model, spec, name)
