@@ -90,13 +90,15 @@ def dequantized_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def test_lora_over_nf4_equals_lora_over_the_dequantized_weights(nf4_llama):
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_over_nf4_equals_lora_over_the_dequantized_weights(nf4_llama, dora):
+    """DoRA's norms too are those of the dequantized W0 + s·B·A."""
     x = torch.randint(0, 120, (2, 12))
     with torch.no_grad():
         base = nf4_llama(x).logits
     twin = dequantized_twin(nf4_llama)
     for m in (nf4_llama, twin):
-        lorakit.inject(m, "all-linear", r=4, alpha=8)
+        lorakit.inject(m, "all-linear", r=4, alpha=8, dora=dora)
         randomize(m)
     assert lorakit.is_quantized(nf4_llama.model.layers[0].mlp.up_proj.base)
     with torch.no_grad():
@@ -138,8 +140,9 @@ def test_merge_into_nf4_reports_a_bounded_error_and_refuses_unmerge(tiny_llama):
         lorakit.unmerge(tiny_llama)
 
 
-def test_merge_and_unload_to_float_is_exact_and_leaves_no_4_bit_layer(nf4_llama):
-    lorakit.inject(nf4_llama, ["q_proj", "v_proj"], r=4, alpha=8)
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_and_unload_to_float_is_exact_and_leaves_no_4_bit_layer(nf4_llama, dora):
+    lorakit.inject(nf4_llama, ["q_proj", "v_proj"], r=4, alpha=8, dora=dora)
     randomize(nf4_llama)
     x = torch.randint(0, 120, (2, 12))
     with torch.no_grad():
