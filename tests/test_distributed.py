@@ -221,3 +221,13 @@ def test_ddp_sends_only_trainable_parameters_at_start(tiny_gpt2, monkeypatch):
     trainable = [p.data_ptr() for p in tiny_gpt2.parameters() if p.requires_grad]
     assert sent == trainable and not coalesced
     assert len(trainable) == 2 * 2 + 1 and sum(1 for _ in tiny_gpt2.parameters()) > 20  # A, B of 2 layers; the head
+
+
+def test_fsdp_trains_dora_as_one_process(reviews, tiny_bert, tmp_path):
+    """DoRA's norms read the whole W0, which FSDP gathers for each forward: 2 ranks train as 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(args(reviews, tiny_bert, one, 2 * B, "--lora.dora", "true", "--train.epochs", "1")) == 0
+    assert spawn(args(reviews, tiny_bert, two, B, "--lora.dora", "true", "--train.epochs", "1",
+                      "--train.distributed", "fsdp")) == [0, 0]
+    assert any(k.endswith(".magnitude") for k in adapter(one))
+    assert_same_adapter(adapter(two), adapter(one))

@@ -52,13 +52,15 @@ def along_outputs(geometry, v: Tensor) -> Tensor:
 
 
 def layer_norms(layer: nn.Module, adapter: nn.Module) -> Tensor:
-    """‖W0 + s·B·A‖ of each output of `layer` for `adapter` (`norms`), kept on the adapter until A, B, s or W0
-    change: computed once per training step, once for inference."""
+    """‖W0 + s·B·A‖ of each output of `layer` for `adapter` (`norms`): computed on every forward that trains the
+    adapter (FSDP gathers new values into the same tensors without a version change), else kept on the adapter
+    until A, B, s or W0 change, so inference computes them once."""
     w = layer.base.weight
     key = (id(w), w._version, id(adapter.lora_a), adapter.lora_a._version, id(adapter.lora_b),
            adapter.lora_b._version, adapter.scale)
     kept = adapter.__dict__.get("_norms")
-    if kept is None or kept[0] != key:
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in (adapter.lora_a, adapter.lora_b))
+    if trains or kept is None or kept[0] != key:
         w0 = weight_matrix(layer)
         sq = layer.__dict__.get("_w0_sq")  # ‖W0ᵢ‖², taken once per base weight
         if sq is None or sq[0] != key[:2]:
