@@ -1,5 +1,5 @@
-"""DoRA: the dense formula, PEFT parity (outputs and gradients, every layer kind), merge, files both ways, mixed
-batches."""
+"""DoRA: the dense formula, dropout as PEFT defines it, merge, files both ways, mixed batches, the recipe. (Parity
+with PEFT's outputs and gradients for every layer kind: test_parity_peft.py.)"""
 
 import copy
 import json
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize
 from test_adapters import assert_mixed_equals_rowwise
+from test_parity_peft import vary_magnitudes
 from torch import nn
 
 import lorakit
@@ -26,50 +27,6 @@ class Kinds(nn.Module):
 
     def forward(self, ids: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lin(self.emb(ids)), self.conv(img)
-
-
-def vary_magnitudes(model: nn.Module, seed: int = 5) -> None:
-    """Move every DoRA magnitude away from its initial ‖W0‖, so m matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraAdapter) and m.magnitude is not None:
-                m.magnitude.mul_(1 + 0.2 * torch.randn(m.magnitude.shape, generator=g))
-
-
-def dora_twin(model: nn.Module, lora_model: nn.Module, **peft_kwargs) -> nn.Module:
-    """A PEFT DoRA model over a copy of `model`, its A, B and magnitudes copied from lorakit's `lora_model`."""
-    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(use_dora=True, **peft_kwargs))
-    inner = twin.base_model.model
-    for name, layer in lorakit.lora_layers(lora_model):
-        ours, theirs = layer.adapters["default"], inner.get_submodule(name)
-        for ours_p, theirs_p in zip(parts(ours), their_parts(layer, theirs)):
-            with torch.no_grad():
-                theirs_p.copy_(ours_p.view_as(theirs_p))
-    return twin
-
-
-def parts(adapter: LoraAdapter) -> tuple[torch.Tensor, ...]:
-    return adapter.lora_a, adapter.lora_b, adapter.magnitude
-
-
-def their_parts(layer: LoraLayer, theirs: nn.Module) -> tuple[torch.Tensor, ...]:
-    if layer.geometry.kind == "embedding":
-        a, b = theirs.lora_embedding_A["default"], theirs.lora_embedding_B["default"]
-    else:
-        a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
-    return a, b, theirs.lora_magnitude_vector["default"].weight
-
-
-def assert_same_grads(lora_model: nn.Module, twin: nn.Module) -> None:
-    inner = twin.base_model.model
-    checked = 0
-    for name, layer in lorakit.lora_layers(lora_model):
-        for ours, theirs in zip(parts(layer.adapters["default"]), their_parts(layer, inner.get_submodule(name))):
-            torch.testing.assert_close(ours.grad, theirs.grad.view_as(ours), atol=1e-5, rtol=1e-4)
-            assert ours.grad.abs().max() > 0
-            checked += 1
-    assert checked > 0
 
 
 def dense(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, out_axis: int) -> torch.Tensor:
@@ -134,69 +91,7 @@ def test_dora_with_dropout_follows_peft_definition(monkeypatch):
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- parity with PEFT
-
-
-def test_minilm_dora_matches_peft(minilm):
-    """BERT's Linear layers with biases: logits and the gradients of A, B and m."""
-    tokens = {"input_ids": torch.randint(1000, 5000, (3, 16)), "attention_mask": torch.ones(3, 16, dtype=torch.long)}
-    labels = torch.tensor([0, 1, 1])
-    base_logits = minilm(**tokens).logits
-    base = copy.deepcopy(minilm)
-    lorakit.inject(minilm, ["query", "value", "dense"], r=8, alpha=16, dora=True)
-    randomize(minilm, std=0.05)
-    vary_magnitudes(minilm)
-    twin = dora_twin(base, minilm, r=8, lora_alpha=16, target_modules=["query", "value", "dense"], lora_dropout=0.0)
-    ours, theirs = minilm(**tokens, labels=labels), twin(**tokens, labels=labels)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-3
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(minilm, twin)
-
-
-@pytest.mark.parametrize("target, extra", [("c_attn", {"fan_in_fan_out": True}), ("c_fc", {"fan_in_fan_out": True}),
-                                           ("wte", {})])
-def test_gpt2_dora_matches_peft(tiny_gpt2, target, extra):
-    """GPT-2's Conv1D (stored (in, out), with biases) and its token embedding."""
-    ids = torch.randint(0, 100, (2, 20))
-    base_logits = tiny_gpt2(ids).logits
-    base = copy.deepcopy(tiny_gpt2)
-    lorakit.inject(tiny_gpt2, [target], r=4, alpha=8, dora=True)
-    randomize(tiny_gpt2)
-    vary_magnitudes(tiny_gpt2)
-    twin = dora_twin(base, tiny_gpt2, r=4, lora_alpha=8, target_modules=[target], **extra)
-    ours, theirs = tiny_gpt2(ids, labels=ids), twin(input_ids=ids, labels=ids)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-2
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(tiny_gpt2, twin)
-
-
-def test_convnet_dora_conv2d_and_linear_match_peft(convnet):
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
-    base_out = convnet(x)
-    base = copy.deepcopy(convnet)
-    lorakit.inject(convnet, ["conv1", "conv2", "fc1", "fc2"], r=3, alpha=6, dora=True)
-    randomize(convnet)
-    vary_magnitudes(convnet)
-    twin = dora_twin(base, convnet, r=3, lora_alpha=6, target_modules=["conv1", "conv2", "fc1", "fc2"])
-    ours, theirs = convnet(x), twin(x)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    assert (ours - base_out).abs().max() > 1e-2
-    F.cross_entropy(ours, y).backward()
-    F.cross_entropy(theirs, y).backward()
-    assert_same_grads(convnet, twin)
-
-
-def test_dora_trainable_counts_match_peft(minilm):
-    base = copy.deepcopy(minilm)
-    lorakit.inject(minilm, ["query", "value"], r=8, dora=True)
-    ours = lorakit.summary(minilm, print_fn=lambda s: None)
-    twin = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["query", "value"], use_dora=True))
-    trainable, total = twin.get_nb_trainable_parameters()
-    assert (ours.trainable, ours.total) == (trainable, total) == (73_728 + 12 * 384, ours.total)
+# Parity with PEFT (outputs and the gradients of A, B and m, every layer kind) is in test_parity_peft.py.
 
 
 # ---------------------------------------------------------------- merge
