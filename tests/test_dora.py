@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize
-from test_adapters import assert_mixed_equals_rowwise
+from test_adapters import assert_mixed_equals_rowwise, check_bf16_rows
 from test_parity_peft import vary_magnitudes
 from torch import nn
 
@@ -277,6 +277,19 @@ def test_dora_mixed_batch_equals_each_row_alone(tiny_llama):
     with torch.no_grad():  # a magnitude changed in place reaches the bank
         tiny_llama.model.layers[0].self_attn.q_proj.adapters["user0"].magnitude.mul_(1.5)
     assert_mixed_equals_rowwise(tiny_llama, ids[:3], ["user0", "user1", None])
+
+
+def test_dora_mixed_batch_in_bf16_matches_rows_alone(tiny_llama):
+    """A served bf16 model: every path of the bank with half the adapters DoRA, against each row alone."""
+    for i in range(8):
+        lorakit.inject(tiny_llama, ["q_proj", "v_proj", "o_proj", "embed_tokens"], r=2 + i % 3, alpha=4,
+                       adapter=f"user{i}", dora=i % 2 == 0)
+    randomize(tiny_llama, std=0.3)
+    vary_magnitudes(tiny_llama)
+    tiny_llama.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    for names in (["user4", None, "user6"], [f"user{i % 8}" for i in range(17)] + [None], ["user2"] * 2):
+        check_bf16_rows(tiny_llama, torch.randint(0, 120, (len(names), 6), generator=g), names)
 
 
 # ---------------------------------------------------------------- the recipe
