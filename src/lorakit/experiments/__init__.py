@@ -13,6 +13,7 @@ STUDIES: dict[str, str] = {
     "causal-lm": "causal_lm",
     "sentiment": "sentiment",
     "rank-targets": "rank_targets",
+    "variants": "variants",
 }
 
 
