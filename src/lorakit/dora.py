@@ -56,16 +56,16 @@ def layer_norms(layer: nn.Module, adapter: nn.Module) -> Tensor:
     adapter (FSDP gathers new values into the same tensors without a version change), else kept on the adapter
     until A, B, s or W0 change, so inference computes them once."""
     w = layer.base.weight
-    # W0's dtype and device too: a cast (frozen_to_bf16's `p.data = ...`, `module.to`) keeps id and version
-    key = (id(w), w._version, w.dtype, w.device, id(adapter.lora_a), adapter.lora_a._version, id(adapter.lora_b),
-           adapter.lora_b._version, adapter.scale)
+    # W0's storage, dtype and device too: a cast or a new tensor (`p.data = ...`, `module.to`) keeps id and version
+    key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, id(adapter.lora_a), adapter.lora_a._version,
+           id(adapter.lora_b), adapter.lora_b._version, adapter.scale)
     kept = adapter.__dict__.get("_norms")
     trains = torch.is_grad_enabled() and any(p.requires_grad for p in (adapter.lora_a, adapter.lora_b))
     if trains or kept is None or kept[0] != key:
         w0 = weight_matrix(layer)
         sq = layer.__dict__.get("_w0_sq")  # ‖W0ᵢ‖², taken once per base weight
-        if sq is None or sq[0] != key[:4]:
-            sq = layer.__dict__["_w0_sq"] = (key[:4], row_norms_sq(w0))
+        if sq is None or sq[0] != key[:5]:
+            sq = layer.__dict__["_w0_sq"] = (key[:5], row_norms_sq(w0))
         kept = adapter.__dict__["_norms"] = (key, norms(w0, sq[1], adapter.lora_a.flatten(1), adapter.up(),
                                                          adapter.scale))
     return kept[1]
