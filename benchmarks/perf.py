@@ -17,6 +17,12 @@ optimizer step; gradients are set to None before each step, outside the timed re
 `torch.manual_seed(step)` before it so every model starts the step from the same random state. The variants
 of a case run round-robin, the starting variant rotating each round, after warm-up steps; times are medians.
 
+DoRA (minilm-dora, smollm2-dora) is measured the same way: the floor, lorakit and PEFT each with LoRA and with
+DoRA on the same setting, in one case, so the ratios DoRA ÷ LoRA and lorakit ÷ PEFT come from one round-robin.
+The optimizer cases (minilm-optim, smollm2-optim) are lorakit alone and add an AdamW step to every step: plain
+LoRA, LoRA+ (`lorakit.param_groups(..., loraplus_ratio=16)`) and LoRA-FA (every A frozen), for their memory
+above all: gradients, AdamW state and saved activations.
+
 Peak memory of a training step is measured for every variant in a separate process: benchmarks/memory.py says how.
 
 The numbers go to a section of results.md and, raw, to perf.json beside it (perf-<device>-<dtype>.json for
@@ -52,7 +58,7 @@ from .cases import Case, cases
 from .common import RESULTS, pick, replace_section, source_changes, source_state, tree
 from .memory import probe_pool, run_memory
 from .models import DTYPES
-from .report import memory_rows, section, speed_rows
+from .report import dora_rows, memory_rows, section, speed_rows
 from .timing import RUNNERS
 
 
@@ -81,7 +87,8 @@ def measure(todo: list[Case], device: str, dtype_name: str, pool: ProcessPoolExe
         log(f"{case.name}: " + ", ".join(f"{n} {v['median_ms']:.1f} ms" for n, v in result["variants"].items())
             + f" ({time.perf_counter() - start:.0f} s)")
     raw["speed"] = speed_rows(raw["cases"], {c.name: c for c in todo})
-    for r in raw["speed"]:
+    raw["dora"] = dora_rows(raw["cases"], {c.name: c for c in todo})
+    for r in raw["speed"] + raw["dora"]:
         for impl, v in r["ms"].items():
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise SystemExit(f"non-finite or non-positive time for {impl} in {r['what']}: {v}")
