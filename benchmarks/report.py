@@ -131,6 +131,20 @@ def _mb(v: float | None) -> str:
     return "—" if v is None else f"{v:,.2f}"
 
 
+def _kept_runs(raw: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
+    """The earlier runs that cases were kept from (`perf.keep_earlier`), each with its cases' names."""
+    runs: list[tuple[dict[str, Any], list[str]]] = []
+    for c in raw["cases"].values():
+        if c.get("kept_from"):
+            for run, names in runs:
+                if run == c["kept_from"]:
+                    names.append(c["name"])
+                    break
+            else:
+                runs.append((c["kept_from"], [c["name"]]))
+    return runs
+
+
 def dora_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The DoRA paragraph: each variant against the floor, then the issue's ratios per case."""
     names = list(rows[0]["ms"])
@@ -240,6 +254,15 @@ def section(raw: dict[str, Any]) -> str:
         f"- command: `{raw['command']}`",
         "- timed steps per variant (after warm-up steps): "
         + ", ".join(f"{c['name']} {c['steps']} (after {c['warmup']})" for c in raw["cases"].values()),
+        *[f"- kept from an earlier run, not measured by this command: {', '.join(names)} — measured on "
+          f"{run['date']} by `{run['command']}`, lorakit tree `{run['git']}`, {run['versions']}"
+          for run, names in _kept_runs(raw)],
+        *([f"- 1-minute load average while each case ran, median / max (this run's {env['torch_threads']} torch "
+           f"threads make about {env['torch_threads']}; more means other work shared the cores, which slows every "
+           "variant and blurs the ratios): "
+           + ", ".join(f"{c['name']} {c['load_1min']['median']:.1f} / {c['load_1min']['max']:.1f}"
+                       for c in raw["cases"].values() if c.get("load_1min"))]
+          if any(c.get("load_1min") for c in raw["cases"].values()) else []),
         "",
     ]
     if raw["speed"]:

@@ -115,6 +115,18 @@ def test_perf_runner_quick(tmp_path):
             assert 2 * m["grads_mb"] <= m["optimizer_state_mb"] < 2 * m["grads_mb"] + 0.01, m
         assert text.count(f"{name}: LoRA-FA trains") == 1
 
+    # measuring one case again keeps the others, marked with the run they come from
+    assert main(["--quick", "--device", "cpu", "--cases", "minilm-infer", "--keep-others", "--memory-steps", "0",
+                 "--out", str(out)]) == 0
+    again = json.loads((tmp_path / "perf.json").read_text())
+    assert list(again["cases"]) == list(raw["cases"]) and again["memory"] == raw["memory"]
+    assert "kept_from" not in again["cases"]["minilm-infer"]
+    assert all(c["kept_from"]["date"] == raw["environment"]["date"] for n, c in again["cases"].items()
+               if n != "minilm-infer")
+    assert len(again["speed"]) == 8 and [r["case"] for r in again["dora"]] == ["minilm-dora", "smollm2-dora"]
+    text = out.read_text()
+    assert text.count(TITLE) == 1 and "kept from an earlier run, not measured by this command: minilm-train" in text
+
 
 def test_dora_variants_compute_the_same_function_with_copied_magnitudes():
     """The parity check the runner makes: lorakit DoRA and PEFT DoRA with the same A, B and moved m give the
