@@ -1,9 +1,9 @@
 """Speed and memory of LoRA training, inference and mixed-adapter batches: lorakit and PEFT side by side,
 both against the floor, measured in one process with interleaved steps.
 
-    python -m benchmarks                       # ~10 min on 2 CPU cores; rewrites its section of benchmarks/results.md
+    python -m benchmarks                       # ~30 min on 2 CPU cores; rewrites its section of benchmarks/results.md
     make bench                                 # the same, from the project's .venv
-    python -m benchmarks --quick               # tiny random models, 2 steps: checks the runner works (~30 s);
+    python -m benchmarks --quick               # tiny random models, 2 steps: checks the runner works (~1 min);
                                                # writes to a temp dir, never to results.md
     python -m benchmarks --device cuda --dtype bf16          # the GPU section
     python -m benchmarks --weights random      # MiniLM and SmolLM2 built from benchmarks/configs/, random weights
