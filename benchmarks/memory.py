@@ -4,7 +4,12 @@ Each probe runs in a separate process, forked from a server that imported torch,
 lorakit when the run began, and built nothing (spawned on CUDA). On CPU it measures the peak resident set size
 (`ru_maxrss`) after the steps, and the resident size after building the model and batch, with the kernel's
 peak counter reset at that point (/proc/self/clear_refs), so the difference is the memory the steps add; on
-CUDA `torch.cuda.max_memory_allocated` and `memory_allocated` instead.
+CUDA `torch.cuda.max_memory_allocated` and `memory_allocated` instead. A variant with an optimizer steps it
+too, so the peak holds its state from the second step on.
+
+Beside those, three exact counts that no allocator noise touches: the gradients the steps leave, the
+optimizer's state (AdamW: two fp32 tensors per trained parameter, and a step count), and what autograd saves
+for backward in one more forward (each storage once, weights and buffers left out): the activations.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
+from torch import nn
 
 from .cases import HEADS, Case, Variant, train_variants
-from .models import DTYPES, build, load_base, make_batch
+from .models import DTYPES, build, load_base, make_batch, optimizer
 from .timing import train_step
 
 MB = 2**20
@@ -42,12 +48,33 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward in one training forward of `model`: every saved tensor's storage,
+    each once, but for the model's own parameters and buffers (weights kept for backward are no activations)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()  # the graph holds t until backward, so no saved storage's address is reused
+        if s.data_ptr() not in own:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    del loss
+    return sum(kept.values())
+
+
 def probe_memory(case: Case, variant: Variant, device: str, dtype_name: str, steps: int) -> dict[str, Any]:
-    """In a fresh process: build one variant, run `steps` training steps; memory after building and at peak."""
+    """In a fresh process: build one variant, run `steps` training steps; memory after building and at peak,
+    then the gradients, optimizer state and saved activations, counted."""
     head = HEADS[case.model]
     model = build(load_base(case.model, DTYPES[dtype_name], device, case.random_weights), variant, head).train()
     batch = make_batch(model, case, device, labels=True)
-    step = train_step(model, batch, device)
+    opt = optimizer(model, variant)
+    step = train_step(model, batch, device, opt)
     with torch.no_grad():  # page in weights loaded by mmap, which would otherwise count as the step's memory
         for t in [*model.parameters(), *model.buffers()]:
             t.sum()
@@ -64,9 +91,16 @@ def probe_memory(case: Case, variant: Variant, device: str, dtype_name: str, ste
         step(i)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.grad.nbytes for p in trained if p.grad is not None)
+    state = None if opt is None else \
+        sum(t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     return {"case": case.name, "variant": variant.name, "impl": variant.impl,
-            "dropout": variant.lora.dropout if variant.lora else None, "steps": steps,
-            "built_mb": built / MB, "peak_mb": peak / MB, "step_mb": (peak - built) / MB, "peak_reset": reset}
+            "dropout": variant.lora.dropout if variant.lora else None, "dora": bool(variant.lora and variant.lora.dora),
+            "optimizer": variant.optimizer, "train_a": variant.train_a, "steps": steps,
+            "built_mb": built / MB, "peak_mb": peak / MB, "step_mb": (peak - built) / MB, "peak_reset": reset,
+            "trainable_params": sum(p.numel() for p in trained), "grads_mb": grads / MB,
+            "optimizer_state_mb": None if state is None else state / MB, "saved_mb": saved_bytes(model, batch) / MB}
 
 
 PRELOAD = ["torch", "transformers", "peft", "lorakit", "benchmarks.memory",

@@ -17,7 +17,8 @@ from torch import nn
 import lorakit
 
 from .cases import HEADS, Case, Variant, train_variants
-from .models import build, copy_to_peft, inject, load_base, make_batch, max_diff, out_of, peft_config, randomize_b
+from .models import (build, copy_to_peft, grad_diff, inject, load_base, make_batch, max_diff, optimizer, out_of,
+                     peft_config, randomize_adapters)
 
 
 def sync(device: str) -> None:
@@ -25,17 +26,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> Callable[[int], float]:
-    """A function running one timed training step (forward, loss, backward) with seed `i`."""
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], device: str,
+               opt: torch.optim.Optimizer | None = None) -> Callable[[int], float]:
+    """A function running one timed training step (forward, loss, backward, and `opt.step()` if given) with
+    seed `i`. Before it, untimed, the trained weights are marked changed, as the optimizer step of a real
+    training step changes them: lorakit's DoRA keeps its norms ‖W0 + s·B·A‖ until A or B change, and would
+    otherwise take them once for all the timed steps."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(i: int) -> float:
         for p in params:
             p.grad = None
+        torch.autograd.graph.increment_version(params)
         torch.manual_seed(i)
         sync(device)
         start = time.perf_counter()
         model(**batch).loss.backward()
+        if opt is not None:
+            opt.step()
         sync(device)
         return time.perf_counter() - start
 
@@ -91,19 +99,25 @@ def run_train(case: Case, device: str, dtype: torch.dtype, log: Callable[..., No
     variants = train_variants(case)
     models = {v.name: build(copy.deepcopy(base), v, head) for v in variants}
     del base
-    check = {}
-    for lora in case.loras:  # same adapter weights in both, then the same logits (dropout off in eval)
-        (lk, lk_model), (pf, pf_model) = [(v.name, models[v.name]) for v in variants if v.lora == lora]
-        randomize_b(lk_model)
+    for v in variants:
+        if v.impl == "lorakit":
+            randomize_adapters(models[v.name])
+    check, grads = {}, {}
+    pairs = [[v.name for v in variants if v.lora == lora and v.impl in ("lorakit", "peft")] for lora in case.loras]
+    for lk, pf in [p for p in pairs if len(p) == 2]:  # same adapter weights in both, then the same logits and
+        lk_model, pf_model = models[lk].eval(), models[pf].eval()  # gradients (dropout off in eval)
         copy_to_peft(lk_model, pf_model)
         with torch.no_grad():
-            check[f"{lk} vs {pf}"] = max_diff(out_of(lk_model.eval(), batch), out_of(pf_model.eval(), batch))
+            check[f"{lk} vs {pf}"] = max_diff(out_of(lk_model, batch), out_of(pf_model, batch))
+        grads[f"{lk} vs {pf}"] = grad_diff(lk_model, pf_model, batch)
     for m in models.values():
         m.train()
-    log(f"built {', '.join(models)}; logits max |lorakit − peft|: {check}")
-    variants_ms = timed({n: train_step(m, batch, device) for n, m in models.items()}, case)
+    log(f"built {', '.join(models)}; logits max |lorakit − peft|: {check}; adapter gradients, relative: {grads}")
+    steps = {v.name: train_step(models[v.name], batch, device, optimizer(models[v.name], v)) for v in variants}
+    variants_ms = timed(steps, case)
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
-    return {"variants": variants_ms, "trainable_params": trainable, "check_max_abs_logit_diff": check}
+    return {"variants": variants_ms, "trainable_params": trainable, "check_max_abs_logit_diff": check,
+            "check_max_rel_grad_diff": grads}
 
 
 def run_infer(case: Case, device: str, dtype: torch.dtype, log: Callable[..., None]) -> dict[str, Any]:
@@ -113,7 +127,7 @@ def run_infer(case: Case, device: str, dtype: torch.dtype, log: Callable[..., No
     lora = case.loras[0]
     lk = build(copy.deepcopy(base), Variant("lorakit", "lorakit", lora), head).eval()
     pf = build(copy.deepcopy(base), Variant("peft", "peft", lora), head).eval()
-    randomize_b(lk)
+    randomize_adapters(lk)
     copy_to_peft(lk, pf)
     lk_merged, pf_merged = copy.deepcopy(lk), copy.deepcopy(pf)
     lorakit.merge(lk_merged)  # W0 += s·B·A in place; the LoRA layers stay, holding merged adapters
@@ -142,7 +156,7 @@ def run_mixed(case: Case, device: str, dtype: torch.dtype, log: Callable[..., No
     lk = copy.deepcopy(base)
     for name in names:
         inject(lk, lora, adapter=name)
-    randomize_b(lk)
+    randomize_adapters(lk)
     lorakit.set_adapter(lk, names[0])
     lk.eval()
     config = peft_config(lora, "CAUSAL_LM")
