@@ -12,16 +12,16 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraAdapter, cli, dora
-from lorakit.experiments.variants import NAMES, RANK, first_below, pace, smooth, window
+from lorakit.experiments.variants import NAMES, QUICK_LAYERS, RANK, earlier_runs, first_below, pace, smooth, window
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # r=64 adapters on MiniLM's query and value (384×384) in 6 layers, plus the 384→2 classifier; DoRA adds a
 # magnitude per output row.
 SENTIMENT_PARAMS = 2 * 6 * RANK * (384 + 384) + 770
 SENTIMENT_DORA = SENTIMENT_PARAMS + 2 * 6 * 384
-# SmolLM2-135M: q_proj (576→576) and v_proj (576→192) in 30 layers.
-CAUSAL_PARAMS = 30 * RANK * ((576 + 576) + (576 + 192))
-CAUSAL_DORA = CAUSAL_PARAMS + 30 * (576 + 192)
+# SmolLM2-135M: q_proj (576→576) and v_proj (576→192) in each layer; quick mode keeps its first layers.
+CAUSAL_PARAMS = QUICK_LAYERS * RANK * ((576 + 576) + (576 + 192))
+CAUSAL_DORA = CAUSAL_PARAMS + QUICK_LAYERS * (576 + 192)
 
 
 def test_smooth_is_a_trailing_mean():
@@ -39,6 +39,15 @@ def test_pace_measures_steps_to_loras_final_loss():
     assert (p.at25, p.at50, p.end) == (0.5, 0.4, 0.4)  # steps 3 and 5 of 10
     never = pace([1.0] * 10, lora)
     assert never.reach is None and never.speedup is None
+
+
+def test_an_interrupted_study_keeps_the_runs_of_its_own_settings(tmp_path):
+    partial = tmp_path / "runs.partial.jsonl"
+    assert earlier_runs(partial, "abc") == {}
+    run = {"task": "sentiment", "variant": "DoRA", "seed": 1, "after": 0.8}
+    partial.write_text(json.dumps({"plan": "abc", **run}) + "\n" + json.dumps({"plan": "other", **run, "seed": 2})
+                       + "\n" + '{"plan": "abc", "task": "sent')  # a line torn by a kill
+    assert earlier_runs(partial, "abc") == {("sentiment", "DoRA", 1): run}
 
 
 def test_dora_norms_follow_a_base_cast_to_bf16():
@@ -106,7 +115,9 @@ def test_quick_report_has_every_variant_on_both_tasks(quick):
     for name, (_, params, ppl, secs, saved, reloaded, diff) in causal.items():
         assert int(params.replace(",", "")) == (CAUSAL_DORA if name == "DoRA" else CAUSAL_PARAMS), name
         before, after = numbers(ppl)
-        assert all(math.isfinite(x) and 1 < x < 1e4 for x in (before, after)) and float(secs) > 0, (name, ppl)
+        # SmolLM2 cut to two layers is no language model (perplexity near 1e8), but training must lower it
+        assert all(math.isfinite(x) and x > 1 for x in (before, after)) and after < before, (name, ppl)
+        assert float(secs) > 0
         again = numbers(reloaded)[0]
         if name in ("PiSSA", "OLoRA"):  # the residual and W0 round differently in bf16; the rest is exact
             assert abs(again / after - 1) < 0.02 and abs(before / base - 1) < 0.02, (name, ppl, reloaded)

@@ -19,6 +19,7 @@ The runs are saved to runs.json; `render(out)` writes the report from it again w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from ..train.config import build_config, load_recipe
 from .causal_lm import RECIPE, size_of, step_seconds
 from .rank_targets import compare
 from .report import Report, command_line, run_facts
-from .sentiment import load_note, merged
+from .sentiment import merged
 
 RANK, ALPHA = 64, 16.0
 LORAPLUS_RATIO = 16.0  # the LoRA+ paper's suggested ratio of B's learning rate to A's
@@ -50,12 +51,15 @@ SENTIMENT = {"task": "classify", "model": {"max_length": 48}, "data": {"max_trai
 # The causal LM: recipes/causal-lm.toml as it is (q_proj, v_proj, α 16, dropout 0.05, lr 5e-4, 160 blocks of
 # 128 tokens, one epoch of batch 8, bf16 autocast), only r = 64.
 CAUSAL = {"lora": {"r": RANK, "alpha": ALPHA}, "train": {"log_every": 1}}
-# Quick mode: the same runs on a few examples of each split (written to small files), a handful of steps.
+# Quick mode: the same runs on a few examples of each split (written to small files), a handful of steps, and
+# SmolLM2 cut to its first QUICK_LAYERS layers (its weights, its shapes, a fraction of its time).
 QUICK_SENTIMENT = {"data": {"max_train": 64}}
 QUICK_CAUSAL = {"data": {"block_size": 32, "max_train": 8}, "train": {"batch_size": 2}}
+QUICK_LAYERS = 2
 QUICK_SIZES = {"train": 96, "val": 32, "test": 128}  # sentiment snippets per split
 QUICK_CHARS = {"train": 3000, "val": 500, "test": 800}  # characters of Hamlet per split (test: the play's end)
 RUNS = "runs.json"
+PARTIAL = "runs.partial.jsonl"  # each finished run of a full study, as it finishes
 TASKS = ("sentiment", "causal-lm")
 
 
@@ -93,7 +97,8 @@ def recipes(quick: bool, data_dir: Path) -> dict[str, dict[str, Any]]:
     if quick:
         files = quick_data(data_dir)
         sentiment = merged(sentiment, QUICK_SENTIMENT, {"data": files["sentiment"]})
-        causal = merged(causal, QUICK_CAUSAL, {"data": files["causal-lm"]})
+        causal = merged(causal, QUICK_CAUSAL,
+                        {"data": files["causal-lm"], "model": {"path": str(quick_model(data_dir))}})
     return {"sentiment": sentiment, "causal-lm": causal}
 
 
@@ -119,6 +124,24 @@ def quick_data(folder: Path) -> dict[str, dict[str, str]]:
         atomic.write_file(path, part)
         paths["causal-lm"]["path" if split == "train" else f"{split}_path"] = str(path)
     return paths
+
+
+def quick_model(folder: Path) -> Path:
+    """SmolLM2-135M's first QUICK_LAYERS decoder layers, with its embedding, head and tokenizer, as a model
+    directory in `folder`."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from .. import hub
+
+    source, target = hub.smollm2_dir(), folder / f"smollm2-{QUICK_LAYERS}-layers"
+    model = AutoModelForCausalLM.from_pretrained(source, num_hidden_layers=QUICK_LAYERS, use_safetensors=True)
+    model.save_pretrained(target)
+    for f in source.iterdir():
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, target / f.name)
+    return target
 
 
 def task_facts(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -197,27 +220,58 @@ def train_variant(recipe: dict[str, Any], v: Variant, seed: int, run_dir: Path, 
 
 
 def run(out: Path, quick: bool = False, seed: int = 0) -> Path:
+    """Train every variant on both tasks, save the runs to runs.json and write the report from it.
+
+    A full study (not --quick) also appends each finished run to runs.partial.jsonl in `out`; the same command
+    started again after an interruption keeps the runs found there (same settings and seeds) and makes the rest."""
     seeds = {"sentiment": [seed + i for i in range(1 if quick else SEEDS)], "causal-lm": [seed]}
-    load, start, facts = os.getloadavg()[0], time.perf_counter(), run_facts()
-    runs = []
+    start, facts = time.perf_counter(), run_facts()
+    partial, runs = out / PARTIAL, []
     with tempfile.TemporaryDirectory(prefix="lorakit-variants-") as tmp:
         plans = recipes(quick, Path(tmp))
         about = {t: task_facts(plans[t]) for t in TASKS}
+        plan = hashlib.sha256(json.dumps([seeds, plans], sort_keys=True).encode()).hexdigest()[:16]
+        kept = {} if quick else earlier_runs(partial, plan)
         total = sum(len(seeds[t]) for t in TASKS) * len(VARIANTS)
         for t in TASKS:
             for s in seeds[t]:  # seed-major: a change in the machine's load over the study falls on every variant
                 for v in VARIANTS:
+                    if (t, v.name, s) in kept:
+                        runs.append(kept[t, v.name, s])
+                        print(f"  [{len(runs)}/{total}] {t} {v.name} seed {s}: kept from {partial.name}", flush=True)
+                        continue
+                    load = os.getloadavg()[0]
                     res = train_variant(plans[t], v, s, Path(tmp) / f"{t}-{v.name}-{s}",
                                         about[t]["sizes"]["train"], per_example=t == "causal-lm")
-                    runs.append({"task": t, "variant": v.name, "seed": s, **res})
+                    runs.append({"task": t, "variant": v.name, "seed": s, "started": facts["date"],
+                                 "load": [load, os.getloadavg()[0]], **res})
+                    if not quick:
+                        out.mkdir(parents=True, exist_ok=True)
+                        atomic.append_line(partial, json.dumps({"plan": plan, **runs[-1]}))
                     print(f"  [{len(runs)}/{total}] {t} {v.name} seed {s}: test {about[t]['metric']} "
                           f"{res['after']:.4f} (reloaded {res['reloaded']:.4f}), {res['seconds']:.0f} s", flush=True)
     saved = {"quick": quick, "seeds": seeds, "command": command_line(), "run": facts, "tasks": about,
-             "seconds": time.perf_counter() - start, "load": [load, os.getloadavg()[0]]}
+             "seconds": time.perf_counter() - start, "kept": len(kept)}
     # One run a line: the loss curves would otherwise make thousands of lines.
     text = json.dumps(saved, indent=1)[:-2] + ',\n "runs": [\n' + ",\n".join(json.dumps(r) for r in runs) + "\n]}\n"
     atomic.write_file(out / RUNS, text)
+    partial.unlink(missing_ok=True)
     return render(out)
+
+
+def earlier_runs(partial: Path, plan: str) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The runs an interrupted invocation with the same settings (`plan`) left in runs.partial.jsonl, by (task,
+    variant, seed); a torn last line (a kill while it was written) is not a run."""
+    kept = {}
+    lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.pop("plan", None) == plan:
+            kept[r["task"], r["variant"], r["seed"]] = r
+    return kept
 
 
 # ---------------------------------------------------------------- reading the runs
@@ -310,7 +364,8 @@ def render(out: Path) -> Path:
         f"{sc['train']['epochs']} epoch of batch {sc['train']['batch_size']} = {steps['sentiment']} steps, texts cut "
         f"at {sc['model']['max_length']} tokens, adapters on {' and '.join(sc['lora']['targets'])}, the new 384→2 "
         f"classifier trained in full, lr {sc['train']['lr']:g}, fp32), {plural(len(seeds['sentiment']), 'seed')}; and "
-        f"**causal-lm** — SmolLM2-135M on Hamlet with `recipes/causal-lm.toml` ({ct['sizes']['train']} blocks of "
+        f"**causal-lm** — SmolLM2-135M" + (f" (cut to its first {QUICK_LAYERS} layers)" if quick else "")
+        + f" on Hamlet with `recipes/causal-lm.toml` ({ct['sizes']['train']} blocks of "
         f"{cc['data']['block_size']} tokens, {cc['train']['epochs']} epoch of batch {cc['train']['batch_size']} = "
         f"{steps['causal-lm']} steps, adapters on {' and '.join(cc['lora']['targets'])}, lr {cc['train']['lr']:g}, "
         f"bf16 autocast), **one seed**. Both: α={ALPHA:g}, AdamW (weight decay {sc['train']['weight_decay']:g}), "
@@ -430,13 +485,29 @@ def render(out: Path) -> Path:
     plt.close(fig)
 
     report.add("## What the numbers say", "", *findings(by, seeds, paces, about))
-    secs = {t: statistics.mean(r["seconds"] for r in by.values() if r["task"] == t) for t in TASKS}
-    report.add("", "## Wall-clock", "",
-               f"{len(by)} runs in {saved['seconds'] / 60:.1f} min, each the whole job — load, test before, train, "
-               f"validate, test after, save, reload and test again: sentiment "
-               f"{secs['sentiment']:.0f} s a run on average, causal-lm {secs['causal-lm']:.0f} s. "
-               f"{load_note(*saved['load'])}")
+    report.add("", "## Wall-clock", "", *wall_clock(saved, by))
     return report.write()
+
+
+def wall_clock(saved: dict[str, Any], by: dict) -> list[str]:
+    """How long the runs took, and under what load (the 1-minute load average at each run's start and end)."""
+    secs = {t: statistics.mean(r["seconds"] for r in by.values() if r["task"] == t) for t in TASKS}
+    loads = [x for r in by.values() for x in r["load"]]
+    cores = os.cpu_count() or 1
+    lines = [f"{len(by)} runs, {sum(r['seconds'] for r in by.values()) / 60:.1f} min in `lorakit train` in all, "
+             f"each the whole job — load, test before, train, validate, test after, save; the reload and its test "
+             f"come on top: sentiment {secs['sentiment']:.0f} s a run on average, causal-lm {secs['causal-lm']:.0f} "
+             f"s. The "
+             f"1-minute load average at the runs' starts and ends ranged from {min(loads):.1f} to {max(loads):.1f} "
+             f"on {cores} cores (this study's own threads count about {cores})"
+             + ("; other work shared the machine, so times are longer than the runs' own, and step times compare "
+                "variants only roughly." if max(loads) > cores + 0.5 else ".")]
+    if saved.get("kept"):
+        dates = sorted({r["started"] for r in by.values()})
+        lines.append(f"The study was interrupted and started again: {saved['kept']} runs come from the first "
+                     f"invocation ({dates[0]}), the rest from the one that finished ({dates[-1]}), with the same "
+                     f"settings and seeds.")
+    return lines
 
 
 def settings_notes(sc: dict[str, Any], cc: dict[str, Any], steps: dict[str, int]) -> list[str]:
@@ -551,11 +622,11 @@ def findings(by: dict, seeds: dict[str, list[int]], paces: dict[tuple[str, str],
            f"standard deviations over seeds ({100 * min(spreads):.1f}–{100 * max(spreads):.1f} points here) are "
            f"called level. ")
         + f"All score the same {n_test:,} test snippets, whose own sampling error (about {100 * se:.1f} points) is "
-        f"shared and not in the spread between seeds. Causal LM: one seed, so only the test blocks' sampling noise is known "
-        f"(Δ test loss ± 2 SE in its table); a gap inside it is noise, and one outside it may still lie within the "
-        f"spread between seeds, which one run cannot show. Convergence: a variant is called faster (slower) when its "
-        f"smoothed training loss at both 25% and 50% of the run is below (above) LoRA's on every seed, LoRA's run "
-        f"on the same seed having seen the same batches in the same order."]
+        f"shared and not in the spread between seeds. Causal LM: one seed, so only the test blocks' sampling noise "
+        f"is known (Δ test loss ± 2 SE in its table); a gap inside it is noise, and one outside it may still lie "
+        f"within the spread between seeds, which one run cannot show. Convergence: a variant is called faster "
+        f"(slower) when its smoothed training loss at both 25% and 50% of the run is below (above) LoRA's on every "
+        f"seed, LoRA's run on the same seed having seen the same batches in the same order."]
     learned = [v for v in NAMES if mean_acc(v) > st["majority"] + 2 * se]
     if len(learned) < len(NAMES):
         lines.append(f"- Not clearly above always answering the majority class ({st['majority']:.4f}) on this "
