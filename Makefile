@@ -31,7 +31,7 @@ test: $(STAMP)
 	command -v chromedriver >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); { $$S apt-get update -qq && $$S apt-get install -y -qq chromium chromium-driver; } || echo "lorakit: could not install chromium; the browser tests will skip"; }
 	$(PY) -m pytest -q -m "not slow"
 
-# Speed and memory of lorakit against HF PEFT and the floor (benchmarks/perf.py, ~10 min on 2 CPU cores):
+# Speed and memory of lorakit against HF PEFT and the floor (benchmarks/perf.py, ~30 min on 2 CPU cores with the DoRA and optimizer cases):
 # rewrites its section of benchmarks/results.md and benchmarks/perf.json.
 bench: $(STAMP)
 	$(PY) -m benchmarks
