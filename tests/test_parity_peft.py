@@ -236,27 +236,39 @@ def test_per_layer_ranks_saved_for_peft_load_in_peft_even_where_a_loose_key_woul
 
 
 def test_peft_patterns_both_ways(tiny_llama, tmp_path):
-    """PEFT's save with rank_pattern and alpha_pattern (two alpha keys name one layer: the first wins) loads into
-    lorakit with PEFT's ranks, alphas and logits; lorakit's PEFT save of per-layer ranks loads into PEFT."""
+    """PEFT's save with rank_pattern and alpha_pattern (two alpha keys name one layer: the first in the file wins)
+    loads into lorakit with the ranks, alphas and logits PEFT loads from that file; lorakit's PEFT save of
+    per-layer ranks loads into PEFT. (PEFT before 0.22 writes the pattern keys sorted, so its own reload of
+    such a file can differ from the model it saved; the file is what both libraries read.)"""
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(2))
     base_logits = tiny_llama(ids).logits
+    alpha_pattern = {"q_proj": 16, r"layers\.1\.self_attn\.q_proj": 1, "v_proj": 2}
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
                              rank_pattern={"up_proj": 2, r"layers\.0\.self_attn\.v_proj": 6},
-                             alpha_pattern={"q_proj": 16, r"layers\.1\.self_attn\.q_proj": 1, "v_proj": 2})
+                             alpha_pattern=alpha_pattern)
     theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config)
     with torch.no_grad():
         for p in peft_lora_params(theirs):
             p.normal_(std=0.1)
     theirs.eval().save_pretrained(tmp_path / "peft")
-    expected = theirs(input_ids=ids).logits
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "peft").eval()
+    expected = reloaded(input_ids=ids).logits
+    saved_order = list(json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["alpha_pattern"])
+    if saved_order == list(alpha_pattern):  # the file keeps the order: it is the model that was saved
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
     ours = copy.deepcopy(tiny_llama)
     with pytest.warns(lorakit.files.UnverifiedBase):
         lorakit.load_adapter(ours, tmp_path / "peft")
     got = {name.removeprefix("model.layers."): (layer.adapters["default"].config.r,
                                                 layer.adapters["default"].config.alpha)
            for name, layer in lorakit.lora_layers(ours)}
+    first = next(k for k in saved_order if k in ("q_proj", r"layers\.1\.self_attn\.q_proj"))
     assert got == {"0.self_attn.q_proj": (4, 16), "0.self_attn.v_proj": (6, 2), "0.mlp.up_proj": (2, 8),
-                   "1.self_attn.q_proj": (4, 16), "1.self_attn.v_proj": (4, 2), "1.mlp.up_proj": (2, 8)}
+                   "1.self_attn.q_proj": (4, alpha_pattern[first]), "1.self_attn.v_proj": (4, 2),
+                   "1.mlp.up_proj": (2, 8)}
+    peft_layers = {name.removeprefix("base_model.model.model.layers."): (m.r["default"], m.lora_alpha["default"])
+                   for name, m in reloaded.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert got == peft_layers
     torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)
     assert (expected - base_logits).abs().max() > 1e-2
 

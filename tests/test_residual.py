@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from conftest import make_tiny_llama
 
 import lorakit
@@ -94,6 +95,9 @@ def test_minilm_pissa_equals_peft(minilm):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_gpt2_conv1d_init_equals_peft(tiny_gpt2, init):
     """GPT-2's Conv1D stores (in, out): factorised in the Linear layout, as PEFT does with fan_in_fan_out."""
+    if init == "olora" and Version(peft.__version__) < Version("0.22"):
+        pytest.skip("PEFT before 0.22 builds OLoRA's A for a Conv1D in the stored (in, out) layout: (r, out), "
+                    "which its own forward cannot multiply")
     base = copy.deepcopy(tiny_gpt2)
     ids = torch.randint(0, 100, (2, 12))
     lorakit.inject(tiny_gpt2, ["c_fc"], r=4, alpha=8, init=init)
