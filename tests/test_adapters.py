@@ -223,6 +223,50 @@ def test_mixed_batch_of_adapters_on_different_layers(tiny_llama):
     assert_mixed_equals_rowwise(tiny_llama, ids, ["q3", "wide", None, "q0", "q3", "q1"])  # every slot at once
 
 
+def test_mixed_batch_groups_skewed_and_spread_rows(tiny_llama):
+    """Rows grouped by adapter and padded to the largest group: most rows on one adapter (only the named slots
+    are taken), every row its own adapter (every slot at once), and one position per row as in decoding."""
+    eight_adapters(tiny_llama, ["q_proj", "v_proj", "down_proj"])
+    ids = torch.randint(0, 120, (10, 5), generator=torch.Generator().manual_seed(6))
+    assert_mixed_equals_rowwise(tiny_llama, ids, ["user2"] * 7 + ["user5", None, "user2"])
+    assert_mixed_equals_rowwise(tiny_llama, ids[:9], [f"user{(3 * i) % 8}" for i in range(8)] + [None])
+    assert_mixed_equals_rowwise(tiny_llama, ids[:6, :1], ["user1", "user1", "user7", None, "user1", "user0"])
+
+
+def test_a_stamped_batch_trusts_the_adapters_until_the_stamp_changes(tiny_llama):
+    """The serving engine stamps its batches (`Rows(stamp=...)`) and changes adapters only between stamps: under
+    one stamp a bank does not look at adapters it has seen again; a new stamp makes it look."""
+    from lorakit import mixed
+    from lorakit.adapters import holders
+
+    eight_adapters(tiny_llama, ["q_proj", "o_proj"])
+    ids = torch.randint(0, 120, (4, 6), generator=torch.Generator().manual_seed(7))
+    names = ["user0", "user1", None, "user1"]
+    layers = holders(tiny_llama)
+
+    def stamped(stamp):
+        rows = mixed.Rows(names, mixed.slots_of(tiny_llama, layers), stamp=stamp)
+        for m in layers:
+            m.rows = rows
+        try:
+            with torch.no_grad():
+                return tiny_llama(ids).logits
+        finally:
+            for m in layers:
+                m.rows = None
+
+    first = stamped(1)
+    with torch.no_grad():
+        for m in layers:
+            m.adapters["user1"].lora_b.mul_(3)
+    assert torch.equal(stamped(1), first)  # the same stamp: not looked at again
+    again = stamped(2)
+    assert (again - first).abs().max() > 1e-3
+    with torch.no_grad(), lorakit.mixed_batch(tiny_llama, names):  # no stamp: always looked at
+        torch.testing.assert_close(tiny_llama(ids).logits, again, atol=0, rtol=0)
+    assert_mixed_equals_rowwise(tiny_llama, ids, names)
+
+
 def test_mixed_batch_in_bf16_matches_rows_alone(tiny_llama):
     """Few rows for many adapters (gathered), many rows (all slots at once, masked), one adapter (its block)."""
     eight_adapters(tiny_llama, ["q_proj", "v_proj", "o_proj"])

@@ -1,18 +1,21 @@
 """Mixed-adapter batches: row i of a batch uses adapter rows[i] (None: the base alone), in one forward.
 
 Every adapter of a model has a slot, the same in every layer (`Slots`; slot 0 is no adapter). Each LoRA layer
-keeps its adapters side by side in a `Bank`: `a` (in, slots·R) holds each slot's Aᵀ, `up` (slots·R, out) its
-(s·B)ᵀ, zero-padded to the layer's largest rank R (zero padding is exact) and all zero in an empty slot. A
-batch then takes one of three paths, none of them a Python loop over adapters:
-- every row has the same adapter: its slot's block of `a` and `up`, two matmuls;
-- few slots for the rows (slots ≤ 2 × rows): x·a for every slot at once, a mask keeping each row's own
-  block, then ·up — three dense ops, no copy of any weight;
-- many slots: each row's A and B gathered by slot, then two batched matmuls.
-What is the same for every layer of one batch — each row's slot and the mask — is made once, in `Rows`.
+keeps its adapters side by side in a `Bank`, slot-major: `a` (slots, in, R) holds each slot's Aᵀ, `up`
+(slots, R, out) its (s·B)ᵀ, zero-padded to the layer's largest rank R (zero padding is exact) and all zero in
+an empty slot. A batch then takes one of two paths, neither a Python loop over adapters:
+- every row has the same adapter: its slot's `a` and `up`, two matmuls;
+- else grouped: the batch's positions gathered by slot into (groups, m, in), m the most positions any slot
+  has (padded with zeros), then two batched matmuls against the groups' A and B and each position's result
+  picked back. The groups are the first slots in use when the batch names most of them (their blocks are a
+  view of the bank), else only the slots it names (copied). Each position multiplies only its own adapter's
+  r columns: a decode step over 16 rows and 8 adapters does 1/8 of the work of multiplying every row by every
+  adapter.
+What is the same for every layer of one batch — each row's slot and the grouping — is made once, in `Rows`.
 The bank is kept in the adapters' own dtype and follows the layer's adapters: one added, changed in place
 or deleted is written to (or cleared from) its slot when a batch next names it, and the others are not
-copied again. A 16-bit model's dense path uses a 16-bit copy of the bank, kept in step block by block; on a
-CPU its single-adapter path over few positions (≤ SMALL) stays in fp32, where thin matmuls are faster.
+copied again. A 16-bit model over many positions (> SMALL) uses a 16-bit copy of the bank, kept in step slot
+by slot; over few positions (decoding) the bank's fp32, where a CPU runs thin matmuls faster.
 A DoRA adapter's slot holds f ⊙ s·B (f = m / ‖W0 + s·B·A‖, see dora.py) in `up`, and f − 1 in the bank's
 `factor`, so its rows get y + (f − 1) ⊙ (y − bias) + f ⊙ s·B·A·x: W0 rescaled per output as DoRA's W' does.
 Inference only: no dropout.
@@ -75,9 +78,12 @@ class Rows(list):
     """A mixed batch's adapter name per row, with what all its layers share: the model's slots, the adapters
     named, and — made once per batch — each row's slot and the dense path's block mask."""
 
-    def __init__(self, names: Iterable[str | None], slots: Slots) -> None:
+    def __init__(self, names: Iterable[str | None], slots: Slots, stamp: int | None = None) -> None:
+        """stamp: an owner's word that no adapter was added, deleted or changed in place since it last gave
+        this stamp (the serving engine, which makes every change itself); a layer's bank then skips checking
+        adapters it has checked under that stamp. None: every batch checks them."""
         super().__init__(names)
-        self.slots = slots
+        self.slots, self.stamp = slots, stamp
         self.named = sorted({n for n in self if n is not None})
         self.single = self.named[0] if len(self.named) == 1 and all(self) else None  # every row's adapter
         self.made: dict[tuple, Tensor] = {}
@@ -91,30 +97,45 @@ class Rows(list):
                                            for n in self], device=device)
         return self.made[key]
 
-    def mask(self, width: int, rank: int, dtype: torch.dtype, device: torch.device,
-             only: frozenset[str] | None = None) -> Tensor:
-        """(B, width·rank): 1 on the rank columns of each row's slot (as `index`), 0 elsewhere."""
-        key = ("mask", width, rank, dtype, device, only)
+    def groups(self, width: int, device: torch.device, only: frozenset[str] | None = None
+               ) -> tuple[Tensor | None, Tensor, Tensor, int]:
+        """How a layer with `width` slots groups the rows by slot: (the slots of the groups — None for the first
+        `width` slots in order, else a (G,) index —, gather (G·m,): the row in each place of each group, len(self)
+        where it is padding, back (B,): each row's place, m)."""
+        key = ("groups", width, device, only)
         if key not in self.made:
-            mask = torch.zeros(len(self), width, rank, dtype=dtype, device=device)
-            mask[torch.arange(len(self), device=device), self.index(device, only)] = 1
-            self.made[key] = mask.view(len(self), width * rank)
+            index = self.index(device, only).tolist()
+            used = sorted(set(index))
+            m = max(index.count(s) for s in used)
+            # Every slot in use, padded to m rows each, as a view of the bank; or only the slots named, copied
+            # out of it: whichever moves fewer rows of weights and padding (a copy costs about two matmuls).
+            chosen = None if width * (m + 4) <= len(used) * (m + 12) else used
+            place = {s: g for g, s in enumerate(range(width) if chosen is None else chosen)}
+            gather, back, seen = [len(self)] * (len(place) * m), [0] * len(self), [0] * len(place)
+            for row, s in enumerate(index):
+                g = place[s]
+                back[row] = g * m + seen[g]
+                gather[back[row]] = row
+                seen[g] += 1
+            self.made[key] = (None if chosen is None else torch.tensor(chosen, device=device),
+                              torch.tensor(gather, device=device), torch.tensor(back, device=device), m)
         return self.made[key]
 
 
 class Bank:
-    """A layer's adapters by slot: a (in, width·R) holds Aᵀ blocks, up (width·R, out) (s·B)ᵀ blocks."""
+    """A layer's adapters by slot: a (width, in, R) holds Aᵀ blocks, up (width, R, out) (s·B)ᵀ blocks."""
 
     def __init__(self, layer: nn.Module, width: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device, self.width, self.rank = dtype, device, width, rank
         self.rows_in, self.out = layer.geometry.in_features, layer.geometry.out_features
-        self.a = torch.zeros(self.rows_in, width * rank, dtype=dtype, device=device)
-        self.up = torch.zeros(width * rank, self.out, dtype=dtype, device=device)
+        self.a = torch.zeros(width, self.rows_in, rank, dtype=dtype, device=device)
+        self.up = torch.zeros(width, rank, self.out, dtype=dtype, device=device)
         self.held: dict[str, list] = {}  # name → [slot, adapter, lora_a, lora_b, their versions, scale] as copied
         self.seen = (-1, ())  # the slots' version and the layer's adapter names at the last clean-up
         self.cast: tuple[torch.dtype, Tensor, Tensor] | None = None  # a and up in a 16-bit dtype, until a write
         self.factor: Tensor | None = None  # (width, out): DoRA's f − 1 per slot, 0 elsewhere; None until one comes
         self.dora: set[int] = set()  # the slots that hold a DoRA adapter
+        self.checked: tuple[int | None, set[tuple[str, ...]]] = (None, set())  # (stamp, named sets synced under it)
 
     def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """a and up in dtype (a copy in another dtype is kept until the bank next changes)."""
@@ -124,9 +145,6 @@ class Bank:
             self.cast = (dtype, self.a.to(dtype), self.up.to(dtype))
         return self.cast[1], self.cast[2]
 
-    def block(self, slot: int) -> slice:
-        return slice(slot * self.rank, (slot + 1) * self.rank)
-
     def sync(self, layer: nn.Module, rows: Rows) -> None:
         """Clear the slots of adapters gone from the layer (or moved), then copy in each adapter the batch names
         that is new or changed since it was copied — growing the bank first when it is too narrow or R too small."""
@@ -135,13 +153,8 @@ class Bank:
         if seen != self.seen:
             for name, held in list(self.held.items()):
                 if adapters.get(name) is not held[1] or rows.slots.of.get(name) != held[0]:
-                    self.a[:, self.block(held[0])] = 0
-                    self.up[self.block(held[0])] = 0
-                    self._clear_factor(held[0])
+                    self._clear(held[0])
                     del self.held[name]
-                    if self.cast is not None:
-                        self.cast[1][:, self.block(held[0])] = 0
-                        self.cast[2][self.block(held[0])] = 0
             self.seen = seen
         for name in rows.named:
             adapter = adapters.get(name)
@@ -159,11 +172,8 @@ class Bank:
         r = adapter.lora_a.shape[0]
         if slot >= self.width or r > self.rank:
             self.grow(max(2 * self.width, slot + 1) if slot >= self.width else self.width, max(r, self.rank))
-        block = self.block(slot)
-        self.a[:, block] = 0
-        self.up[block] = 0
+        self._clear(slot)
         up = adapter.up().detach() * adapter.scale  # (out, r)
-        self._clear_factor(slot)
         if adapter.magnitude is not None:
             f = dora.factor(layer, adapter).detach().to(self.dtype)
             up = up * f[:, None]
@@ -171,25 +181,30 @@ class Bank:
                 self.factor = torch.zeros(self.width, self.out, dtype=self.dtype, device=self.device)
             self.factor[slot] = f - 1
             self.dora.add(slot)
-        self.a[:, block.start:block.start + r] = adapter.lora_a.detach().flatten(1).t()
-        self.up[block.start:block.start + r] = up.t()
+        self.a[slot, :, :r] = adapter.lora_a.detach().flatten(1).t()
+        self.up[slot, :r] = up.t()
         a, b = adapter._parameters["lora_a"], adapter._parameters["lora_b"]
         self.held[name] = [slot, adapter, a, b, _versions(adapter), adapter.scale]
-        if self.cast is not None:  # the 16-bit copy follows, block by block
-            self.cast[1][:, block] = self.a[:, block]
-            self.cast[2][block] = self.up[block]
+        if self.cast is not None:  # the 16-bit copy follows, slot by slot
+            self.cast[1][slot] = self.a[slot]
+            self.cast[2][slot] = self.up[slot]
 
-    def _clear_factor(self, slot: int) -> None:
+    def _clear(self, slot: int) -> None:
+        self.a[slot] = 0
+        self.up[slot] = 0
+        if self.cast is not None:
+            self.cast[1][slot] = 0
+            self.cast[2][slot] = 0
         if slot in self.dora:
             self.factor[slot] = 0
             self.dora.discard(slot)
 
     def grow(self, width: int, rank: int) -> None:
-        a = torch.zeros(self.rows_in, width, rank, dtype=self.dtype, device=self.device)
+        a = torch.zeros(width, self.rows_in, rank, dtype=self.dtype, device=self.device)
         up = torch.zeros(width, rank, self.out, dtype=self.dtype, device=self.device)
-        a[:, :self.width, :self.rank] = self.a.view(self.rows_in, self.width, self.rank)
-        up[:self.width, :self.rank] = self.up.view(self.width, self.rank, self.out)
-        self.a, self.up = a.view(self.rows_in, width * rank), up.view(width * rank, self.out)
+        a[:self.width, :, :self.rank] = self.a
+        up[:self.width, :self.rank] = self.up
+        self.a, self.up = a, up
         if self.factor is not None:
             self.factor = torch.cat([self.factor, self.factor.new_zeros(width - self.width, self.out)])
         self.width, self.rank, self.cast = width, rank, None
@@ -206,7 +221,12 @@ def bank(layer: nn.Module, rows: Rows, dtype: torch.dtype, device: torch.device)
     if current is None or current.dtype != dtype or current.device != device:
         rank = max(a.lora_a.shape[0] for a in layer.adapters.values())
         current = layer.__dict__["_bank"] = Bank(layer, rows.slots.size, rank, dtype, device)
-    current.sync(layer, rows)
+    stamp, checked = current.checked
+    if rows.stamp is None or stamp != rows.stamp or tuple(rows.named) not in checked:
+        current.sync(layer, rows)
+        if rows.stamp is not None:
+            current.checked = (rows.stamp, checked if stamp == rows.stamp else set())
+            current.checked[1].add(tuple(rows.named))
     return current
 
 
@@ -231,29 +251,27 @@ def add_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         fm1 = b.factor[rows.index(x.device, only)].to(y.dtype)  # (B, out)
         y = y + (y if bias is None else y - bias) * fm1.view(len(rows), *[1] * (y.ndim - 2), -1)
     n = x.numel() if g.kind == "embedding" else x.numel() // g.in_features  # positions in the batch
+    # On a CPU, thin matmuls over a few dozen positions (decoding) run faster in fp32 than in 16 bits.
+    dtype = y.dtype if y.dtype in HALF and (n > SMALL or x.device.type != "cpu") else b.dtype
+    a, up = b.weights(dtype)
     y2 = y.reshape(n, g.out_features)
     if rows.single is not None:  # one adapter for every row
-        # On a CPU, two thin matmuls over a few dozen positions (decoding) run faster in fp32 than in bf16.
-        dtype = y.dtype if y.dtype in HALF and (n > SMALL or x.device.type != "cpu") else b.dtype
-        a, up = b.weights(dtype)
-        block = b.block(rows.slots.of[rows.single])
-        u = (a[x.reshape(-1), block] if g.kind == "embedding"
-             else x.reshape(n, g.in_features).to(dtype) @ a[:, block])  # (n, R)
-        return _add(y2, u, up[block]).view(y.shape)
-    width = min(b.width, rows.slots.size)  # the slots in use
-    if g.kind == "embedding" or width <= 2 * len(rows):  # every slot at once, each row's block kept
-        dense = y.dtype if y.dtype in HALF else b.dtype  # (here 16-bit is the faster on a CPU too)
-        a, up = b.weights(dense)
-        a, up = a[:, :width * b.rank], up[:width * b.rank]
-        u = a[x] if g.kind == "embedding" else x.to(dense) @ a  # (B, ..., width·R)
-        u = u.reshape(x.shape[0], -1, u.shape[-1]) * rows.mask(width, b.rank, dense, x.device, only)[:, None]
-        return _add(y2, u.reshape(n, -1), up).view(y.shape)
-    a, up = b.weights(b.dtype)
-    index = rows.index(x.device, only)  # each row's A and B gathered by slot
-    xb = x.reshape(x.shape[0], -1, g.in_features).to(b.dtype)  # (B, L, in)
-    a_rows = a.view(g.in_features, b.width, b.rank)[:, index].transpose(0, 1)  # (B, in, R)
-    up_rows = up.view(b.width, b.rank, g.out_features)[index]  # (B, R, out)
-    return (y2 + torch.bmm(torch.bmm(xb, a_rows), up_rows).reshape(n, -1).to(y.dtype)).view(y.shape)
+        slot = rows.slots.of[rows.single]
+        u = a[slot][x.reshape(-1)] if g.kind == "embedding" else x.reshape(n, g.in_features).to(dtype) @ a[slot]
+        return _add(y2, u, up[slot]).view(y.shape)
+    index = rows.index(x.device, only)
+    if g.kind == "embedding":  # each position's own rows of A, then each row's B
+        u = a[index[:, None], x]  # (B, T, R)
+        return (y + torch.bmm(u, up[index]).to(y.dtype)).view(y.shape)
+    chosen, gather, back, m = rows.groups(min(b.width, rows.slots.size), x.device, only)
+    a, up = (a[:len(gather) // m], up[:len(gather) // m]) if chosen is None else (a[chosen], up[chosen])
+    xs = x.reshape(len(rows), -1, g.in_features).to(dtype)  # (B, T, in)
+    xs = torch.cat([xs, xs.new_zeros(1, *xs.shape[1:])])[gather]  # (G·m, T, in): each group's rows, then padding
+    u = torch.bmm(xs.view(a.shape[0], -1, g.in_features), a)  # (G, m·T, R)
+    out = torch.bmm(u, up).view(len(gather), -1)[back]  # (B, T·out): each row's own
+    if torch.is_grad_enabled():
+        return y + out.to(y.dtype).view(y.shape)
+    return y.add_(out.view(y.shape).to(y.dtype))
 
 
 def _add(y: Tensor, u: Tensor, up: Tensor) -> Tensor:

@@ -118,6 +118,7 @@ class Engine:
         self.holders: list[nn.Module] | None = None  # the model's adapter holders, and their slots
         self.slots: mixed.Slots | None = None
         self.steps = 0
+        self.generation = 0  # bumped by every job and adapter change: the model's adapters are as they were
         self.on_step: Callable[[Engine], None] | None = None  # after each step (metrics)
         self.restore_attention = use_attention(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -165,6 +166,7 @@ class Engine:
     def adapters_changed(self) -> None:
         """The set of adapters on the model changed (call from the engine's thread, in a `call`)."""
         self.holders = None
+        self.generation += 1
 
     def busy(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -208,6 +210,8 @@ class Engine:
                 if self.stopping and not jobs and not self.busy():
                     torch.set_num_threads(self.threads)
                     return
+            if jobs:  # any job may change an adapter in place
+                self.generation += 1
             for fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -242,7 +246,7 @@ class Engine:
         if self.holders is None:
             self.holders = holders(self.model)
             self.slots = mixed.slots_of(self.model, self.holders)
-        rows = mixed.Rows(names, self.slots)
+        rows = mixed.Rows(names, self.slots, stamp=self.generation)
         for m in self.holders:
             m.rows = rows
         try:
