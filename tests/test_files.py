@@ -347,6 +347,16 @@ def test_save_refuses_non_finite_adapter_weights(minilm, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_non_finite_check_is_exact_where_a_sum_overflows():
+    """The check sums each tensor first; a sum that overflows (huge but finite values) must not refuse it."""
+    from lorakit.tensorfile import first_non_finite
+
+    big = torch.full((4,), 3e38)
+    assert first_non_finite({"big": big, "half": big.half().clamp(-6e4, 6e4), "empty": torch.empty(0)}) is None
+    assert first_non_finite({"big": big, "nan": torch.tensor([1.0, float("nan")])}) == "nan"
+    assert first_non_finite({"ok": torch.ones(3), "inf": torch.tensor([float("-inf")]).bfloat16()}) == "inf"
+
+
 def test_tensors_that_share_memory_are_saved(tmp_path):
     """A module trained in full whose parameters are tied (two names, one tensor) still saves and loads."""
     def build():
