@@ -1,9 +1,9 @@
 """Adapters by name: registered on disk (any number), resident on the model (at most `max_loaded`).
 
 A request names an adapter; `acquire` makes it resident and holds it until `release`. A cold adapter's
-files are read and verified, checked against the base and its modules built (`read_adapter`,
-`prepare_adapter`) on a worker thread while the engine keeps stepping (`Engine.aside`); between two steps
-the engine only attaches it (`attach_adapter`: a few milliseconds); concurrent requests for it share one
+files are read and verified (`read_adapter`) on a worker thread while the engine keeps stepping
+(`Engine.aside`); between two steps the engine checks it against the base, builds and attaches it
+(`prepare_adapter`, `attach_adapter`: a few tens of milliseconds); concurrent requests for it share one
 load. When more than `max_loaded` would be resident, the least recently used adapter that no request holds
 and that is not pinned is evicted; it reloads on its next request. A folder added under `adapter_dir` later
 is found on the first request for it.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import delete_adapter, holders
-from ..files import AdapterFileError, CONFIG_NAME, Prepared, attach_adapter, prepare_adapter, read_adapter
+from ..files import AdapterFileError, AdapterSpec, CONFIG_NAME, attach_adapter, prepare_adapter, read_adapter
 from .engine import Engine
 
 
@@ -132,11 +132,9 @@ class Registry:
         start = time.perf_counter()
         folder = self.path(name)
         loop = asyncio.get_running_loop()
-        model = self.engine.model
         with self.engine.aside():
-            prepared = await loop.run_in_executor(
-                self.reader, lambda: prepare_adapter(model, read_adapter(folder), name, where=folder))
-        placed = self.engine.call(lambda: self._place(name, prepared))
+            spec = await loop.run_in_executor(self.reader, read_adapter, folder)
+        placed = self.engine.call(lambda: self._place(name, spec, folder))
         try:
             await asyncio.wrap_future(placed)
         except asyncio.CancelledError:  # the request went away: its hold goes once the adapter is placed
@@ -144,11 +142,12 @@ class Registry:
             raise
         self.events("load", name, time.perf_counter() - start)
 
-    def _place(self, name: str, prepared: Prepared) -> None:
-        """On the engine's thread, between two steps: make room, attach the adapter (checked against the model
-        and built on a reader thread), and count it resident, held once (by the request that loads it) — in
-        the same step, so the next load counts it."""
+    def _place(self, name: str, spec: AdapterSpec, folder: Path) -> None:
+        """On the engine's thread, between two steps: check the adapter against the model and build it, make
+        room, attach it, and count it resident, held once (by the request that loads it) — in the same step,
+        so the next load counts it."""
         model = self.engine.model
+        prepared = prepare_adapter(model, spec, name, where=folder)
         with self.lock:  # victims leave `resident` at once, so no request takes one while it goes
             over = len(self.resident) + 1 - self.max_loaded
             victims = [n for n, r in self.resident.items() if r.holds == 0 and not r.pinned][:max(0, over)]
