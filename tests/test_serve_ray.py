@@ -290,9 +290,10 @@ def test_a_hot_adapter_spills_onto_another_replica_once_its_replica_is_full(clus
     before = {r for (a, r), n in loads(running).items() if a == "a5" and n > 0}
     body = {"model": "a5", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    counts = []
+    counts, together = [], threading.Barrier(30)
 
     def stream() -> None:
+        together.wait(30)  # all 30 ask at once, so more than one replica takes are in flight together
         with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=120,
                           headers={"Authorization": "Bearer sk-admin"}) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
@@ -304,8 +305,12 @@ def test_a_hot_adapter_spills_onto_another_replica_once_its_replica_is_full(clus
     for t in threads:
         t.join(150)
     assert counts == [200] * 30
-    time.sleep(1)
-    after = {r for (a, r), n in loads(running).items() if a == "a5" and n > 0}
+    deadline = time.monotonic() + 15  # the replicas' metrics reach the ingress's /metrics within a few seconds
+    while True:
+        after = {r for (a, r), n in loads(running).items() if a == "a5" and n > 0}
+        if len(after) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(after) == 2 and after >= before  # a5 resident on both replicas now
 
 
