@@ -7,8 +7,9 @@ an empty slot. A batch then takes one of two paths, neither a Python loop over a
 - every row has the same adapter: its slot's `a` and `up`, two matmuls;
 - else grouped: the batch's positions gathered by slot into (groups, m, in), m the most positions any slot
   has (padded with zeros), then two batched matmuls against the groups' A and B and each position's result
-  picked back. The groups are the first slots in use when the batch names most of them (their blocks are a
-  view of the bank), else only the slots it names (copied). Each position multiplies only its own adapter's
+  picked back. The groups are every slot in use (a view of the bank), or only the slots the batch names
+  (copied) when that moves fewer rows of weights and padding, as for a skewed batch or few of many slots
+  (`Rows.groups`). Each position multiplies only its own adapter's
   r columns: a decode step over 16 rows and 8 adapters does 1/8 of the work of multiplying every row by every
   adapter.
 What is the same for every layer of one batch — each row's slot and the grouping — is made once, in `Rows`.
@@ -263,8 +264,9 @@ def add_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     if g.kind == "embedding":  # each position's own rows of A, then each row's B
         u = a[index[:, None], x]  # (B, T, R)
         return (y + torch.bmm(u, up[index]).to(y.dtype)).view(y.shape)
-    chosen, gather, back, m = rows.groups(min(b.width, rows.slots.size), x.device, only)
-    a, up = (a[:len(gather) // m], up[:len(gather) // m]) if chosen is None else (a[chosen], up[chosen])
+    width = min(b.width, rows.slots.size)  # the slots in use
+    chosen, gather, back, m = rows.groups(width, x.device, only)
+    a, up = (a[:width], up[:width]) if chosen is None else (a[chosen], up[chosen])
     xs = x.reshape(len(rows), -1, g.in_features).to(dtype)  # (B, T, in)
     xs = torch.cat([xs, xs.new_zeros(1, *xs.shape[1:])])[gather]  # (G·m, T, in): each group's rows, then padding
     u = torch.bmm(xs.view(a.shape[0], -1, g.in_features), a)  # (G, m·T, R)

@@ -118,7 +118,7 @@ class Engine:
         self.holders: list[nn.Module] | None = None  # the model's adapter holders, and their slots
         self.slots: mixed.Slots | None = None
         self.steps = 0
-        self.generation = 0  # bumped by every job and adapter change: the model's adapters are as they were
+        self.generation = 0  # bumped before every batch of jobs (the only code that changes adapters)
         self.on_step: Callable[[Engine], None] | None = None  # after each step (metrics)
         self.restore_attention = use_attention(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -166,7 +166,6 @@ class Engine:
     def adapters_changed(self) -> None:
         """The set of adapters on the model changed (call from the engine's thread, in a `call`)."""
         self.holders = None
-        self.generation += 1
 
     def busy(self) -> int:
         return len(self.waiting) + len(self.running)
