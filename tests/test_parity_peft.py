@@ -58,6 +58,16 @@ def assert_same_grads(lora_model, twin):
     assert compared > 0
 
 
+def assert_same_as_twin(lora_model, twin, ours, theirs, base_logits, effect):
+    """The two models' outputs (logits and loss): equal logits that differ from the base's by more than `effect`,
+    and after each loss's backward, equal adapter gradients."""
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert (ours.logits - base_logits).abs().max() > effect
+    ours.loss.backward()
+    theirs.loss.backward()
+    assert_same_grads(lora_model, twin)
+
+
 @pytest.mark.parametrize("rslora, dora", [(False, False), (True, False), (False, True)])
 def test_minilm_query_value_matches_peft(minilm, rslora, dora):
     """BERT's Linear layers, with biases (DoRA takes them out of the part it rescales)."""
@@ -75,11 +85,7 @@ def test_minilm_query_value_matches_peft(minilm, rslora, dora):
 
     ours = minilm(**tokens, labels=labels)
     theirs = twin(**tokens, labels=labels)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-3
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(minilm, twin)
+    assert_same_as_twin(minilm, twin, ours, theirs, base_logits, 1e-3)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -95,11 +101,7 @@ def test_gpt2_matches_peft(tiny_gpt2, target, extra, dora):
     twin = peft_twin(base, tiny_gpt2, r=4, lora_alpha=8, target_modules=[target], use_dora=dora, **extra)
 
     ours, theirs = tiny_gpt2(ids, labels=ids), twin(input_ids=ids, labels=ids)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-2
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(tiny_gpt2, twin)
+    assert_same_as_twin(tiny_gpt2, twin, ours, theirs, base_logits, 1e-2)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -188,11 +190,7 @@ def test_rank_and_alpha_patterns_match_peft(tiny_llama, rslora):
     twin = peft_twin(base, tiny_llama, r=4, lora_alpha=8, use_rslora=rslora,
                      target_modules=["q_proj", "v_proj", "up_proj"], **patterns)
     ours, theirs = tiny_llama(ids, labels=ids), twin(input_ids=ids, labels=ids)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-2
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(tiny_llama, twin)
+    assert_same_as_twin(tiny_llama, twin, ours, theirs, base_logits, 1e-2)
 
 
 def test_minilm_rank_and_alpha_patterns_match_peft(minilm):
@@ -207,11 +205,7 @@ def test_minilm_rank_and_alpha_patterns_match_peft(minilm):
     twin = peft_twin(base, minilm, r=8, lora_alpha=16, target_modules=["query", "value"], **patterns)
     assert twin.base_model.model.bert.encoder.layer[0].attention.self.query.r["default"] == 16
     ours, theirs = minilm(**tokens, labels=labels), twin(**tokens, labels=labels)
-    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert (ours.logits - base_logits).abs().max() > 1e-3
-    ours.loss.backward()
-    theirs.loss.backward()
-    assert_same_grads(minilm, twin)
+    assert_same_as_twin(minilm, twin, ours, theirs, base_logits, 1e-3)
 
 
 def test_per_layer_ranks_saved_for_peft_load_in_peft_even_where_a_loose_key_would_name_another_layer(tmp_path):
